@@ -5,6 +5,7 @@ from transformers import AutoConfig, AutoModel
 from .configuration_pdm import ORDERS, STATE_NAMES, PDMConfig
 from .modeling_pdm import PDMForTextToImage, PDMGenerateOutput, PDMOutput
 from .ordering import stage_schedule
+from .pipeline_pdm import PDMPipeline, PDMPipelineOutput
 
 __version__ = "0.1.0"
 
@@ -22,5 +23,7 @@ __all__ = [
     "PDMForTextToImage",
     "PDMGenerateOutput",
     "PDMOutput",
+    "PDMPipeline",
+    "PDMPipelineOutput",
     "stage_schedule",
 ]

@@ -1,0 +1,1 @@
+"""Sub-commands of `pdm` that have no other home (see `progressive_denoising.cli`)."""
