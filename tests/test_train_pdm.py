@@ -1,0 +1,151 @@
+"""training/train_pdm.py end to end on a tiny model: two processes, resuming after a crash, NaN, options."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from train_data import TINY_OPTIONS, make_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "training", "train_pdm.py")
+sys.path.insert(0, ROOT)
+
+from training import utils  # noqa: E402
+from training.train_pdm import Options  # noqa: E402
+
+
+def env(**extra):
+    return dict(os.environ, **extra, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pdm-data")
+    path = folder / "tiny.yaml"
+    options = dict(TINY_OPTIONS, dataset=make_dataset(str(folder / "data")), learning_rate=3e-3, order="raster")
+    path.write_text(yaml.safe_dump(options))
+    return str(path)
+
+
+def run(args, timeout=300, launcher=(sys.executable,), **extra_env):
+    return subprocess.run([*launcher, SCRIPT, *args], env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
+
+
+def losses(output_dir):
+    """step -> loss; a step logged twice (redone after a resume) keeps its last record."""
+    with open(os.path.join(output_dir, "losses.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def test_two_processes_train_and_the_loss_goes_down(config, tmp_path):
+    out = str(tmp_path / "run")
+    # `--cpu --num_processes 2` starts one process (several CPU processes need mpirun); `--multi_gpu` with
+    # ACCELERATE_USE_CPU=1 starts two that talk over gloo.
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
+    result = run(["--config", config, "--output_dir", out, "--max_steps", "40", "--eval_steps", "40",
+                  "--checkpointing_steps", "100", "--batch_size", "8"], launcher=launcher, ACCELERATE_USE_CPU="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.load(open(os.path.join(out, "processes", f"rank-{i}.json"))) for i in range(2)]
+    assert [r["process_index"] for r in ranks] == [0, 1] and all(r["num_processes"] == 2 for r in ranks)
+    curve = [losses(out)[s] for s in range(1, 41)]
+    first, last = sum(curve[:8]) / 8, sum(curve[-8:]) / 8
+    assert last < first - 0.1, f"loss did not go down: first {first:.3f}, last {last:.3f}"
+    from progressive_denoising import PDMForTextToImage
+
+    model = PDMForTextToImage.from_pretrained(os.path.join(out, "final"))
+    assert model.config.training_order == "raster"
+    assert os.path.exists(os.path.join(out, "final", "README.md"))
+    assert os.path.exists(os.path.join(out, "eval.jsonl"))
+
+
+def test_resuming_after_a_kill_matches_an_uninterrupted_run(config, tmp_path):
+    common = ["--config", config, "--max_steps", "30", "--checkpointing_steps", "10", "--eval_steps", "1000",
+              "--num_samples", "0", "--order", "random", "--p_error", "0.5", "--caption_dropout", "0.3"]
+    straight = str(tmp_path / "straight")
+    assert run(common + ["--output_dir", straight]).returncode == 0
+
+    crashed = str(tmp_path / "crashed")
+    process = subprocess.Popen([sys.executable, SCRIPT, *common, "--output_dir", crashed], env=env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not utils.checkpoints(crashed) and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    if process.returncode == 0:  # it finished before the kill landed: leave what a crash after step 10 leaves
+        for name in os.listdir(crashed):
+            if name in ("final", "checkpoint-20", "checkpoint-30"):
+                subprocess.run(["rm", "-rf", os.path.join(crashed, name)], check=True)
+    resumed = run(common + ["--output_dir", crashed, "--resume_from_checkpoint", "latest"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+
+    a = load_file(os.path.join(straight, "final", "model.safetensors"))
+    b = load_file(os.path.join(crashed, "final", "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    straight_curve, resumed_curve = losses(straight), losses(crashed)
+    for step in range(11, 31):
+        assert abs(straight_curve[step] - resumed_curve[step]) < 1e-6, step
+
+
+def test_a_nan_loss_stops_naming_the_step(config, tmp_path):
+    out = str(tmp_path / "nan")
+    result = run(["--config", config, "--output_dir", out, "--max_steps", "5", "--learning_rate", "1e30",
+                  "--checkpointing_steps", "1", "--num_samples", "0"])
+    assert result.returncode != 0
+    assert "FloatingPointError: loss is nan at step 2" in result.stderr or "at step 2" in result.stderr, \
+        result.stderr[-2000:]
+    assert os.path.isdir(os.path.join(out, "checkpoint-1"))
+    assert not os.path.exists(os.path.join(out, "checkpoint-2")), "no checkpoint of the failing step"
+
+
+# -- options -----------------------------------------------------------------------------------------------------
+
+
+def test_yaml_then_command_line_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset: d\nlearning_rate: 3e-4\nema_decay: null\ntext_config: {d_model: 8}\n")
+    o = utils.parse_options(Options, ["--config", str(path), "--max_steps", "7", "order=random", "--ema_decay=0.99",
+                                      "--hub_model_id", "me/1e5", "--push_to_hub"])
+    assert (o.dataset, o.learning_rate, o.max_steps, o.order) == ("d", 3e-4, 7, "random")
+    assert o.ema_decay == 0.99 and o.hub_model_id == "me/1e5" and o.push_to_hub is True
+    assert o.text_config == {"d_model": 8}
+
+
+def test_bad_options_raise_value_errors_naming_them():
+    with pytest.raises(ValueError, match="unknown option 'lerning_rate'"):
+        utils.parse_options(Options, ["--lerning_rate", "1"])
+    with pytest.raises(ValueError, match="'max_steps'"):
+        utils.parse_options(Options, ["--max_steps", "many"])
+    from training.train_pdm import check_options
+
+    with pytest.raises(ValueError, match="'order'"):
+        check_options(Options(dataset="d", text_config={}, order="learned"))
+    with pytest.raises(ValueError, match="'p_error'"):
+        check_options(Options(dataset="d", text_config={}, p_error=2.0))
+    with pytest.raises(ValueError, match="model_name_or_path"):
+        check_options(Options(dataset="d"))
+
+
+def test_cached_text_states_give_the_same_loss_as_the_encoder():
+    from tiny import CAPTIONS, tiny_model, tiny_tokenizer
+
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    captions = [CAPTIONS[0], "", CAPTIONS[7]]
+    image_tokens = torch.full((3, 16), 16)
+    direct = model(**utils.TextStates(tokenizer, 64)(model, captions, "cpu"), image_tokens=image_tokens)
+    cache = utils.TextStates(tokenizer, 64, cache=True)
+    cache(model, captions[:1], "cpu")  # cached alone, reused in a padded batch
+    cached = model(**cache(model, captions, "cpu"), image_tokens=image_tokens)
+    torch.testing.assert_close(direct.token_logits, cached.token_logits, rtol=1e-4, atol=1e-5)
+    assert tokenizer("").input_ids == [1]  # caption dropout's empty prompt is the lone </s>

@@ -1,0 +1,382 @@
+"""Train a Progressive Denoising Model on a pre-tokenized data set (sections 3.2-3.3, appendix A of the paper).
+
+    accelerate launch training/train_pdm.py --config training/configs/shapes_tiny.yaml --max_steps 2000
+
+Every option below can be set in the YAML file and overridden on the command line (`--key value` or
+`key=value`). Per batch: a stage t uniform in 1..T per example, ranks from the order, the tuple (Y^{t-1}, Z^t, Y^t)
+with pseudo errors, and loss = token loss + state loss.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from transformers import AutoTokenizer, T5Config, get_cosine_schedule_with_warmup
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from progressive_denoising import PDMConfig, PDMForTextToImage  # noqa: E402
+from progressive_denoising.text_tokenizer import train_caption_tokenizer  # noqa: E402
+from training import utils  # noqa: E402
+
+TRAIN_ORDERS = ("raster", "random", "quant-error", "reverse-quant-error")
+
+
+@dataclasses.dataclass
+class Options:
+    # data
+    dataset: Optional[str] = None  # `load_from_disk` folder or Hub id with caption / codes / quant_error
+    train_split: str = "train"
+    validation_split: Optional[str] = "validation"
+    validation_size: int = 0  # held out from a data set without a validation split
+    codebook_size: Optional[int] = None  # default: pdm_tokenization.json, else the VQ model
+    token_grid_size: Optional[list] = None  # (h, w); default: pdm_tokenization.json, else square
+    # model: an existing PDM, or a pretrained T5 encoder, or a fresh T5 of `text_config` sizes
+    model_name_or_path: Optional[str] = None
+    text_encoder: Optional[str] = None
+    text_config: Optional[dict] = None
+    train_text_encoder: bool = False  # the paper freezes T5; true for a small T5 trained with the decoder
+    tokenizer: Optional[str] = None
+    train_tokenizer: bool = False
+    tokenizer_vocab_size: int = 1000
+    max_caption_length: int = 128
+    hidden_size: int = 1280
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 20
+    intermediate_size: int = 4096
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    vqvae: Optional[str] = None  # diffusers VQModel folder: sample images and a full pipeline folder
+    # stages and orders
+    order: str = "quant-error"
+    num_stages: int = 64
+    p_error: float = 0.3
+    caption_dropout: float = 0.1
+    # optimisation
+    batch_size: int = 8  # per process
+    max_steps: int = 1000
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.96
+    max_grad_norm: Optional[float] = 1.0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: Optional[str] = None  # no / fp16 / bf16; null keeps what `accelerate launch` says
+    ema_decay: Optional[float] = None
+    gradient_checkpointing: bool = False
+    cache_text_states: bool = False
+    seed: int = 0
+    num_workers: int = 0
+    # bookkeeping
+    output_dir: str = "pdm-output"
+    log_with: Optional[str] = "tensorboard"
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: Optional[int] = 3
+    resume_from_checkpoint: Optional[str] = None  # latest or a checkpoint folder
+    eval_steps: int = 500
+    eval_batches: int = 8
+    num_samples: int = 8
+    push_to_hub: bool = False
+    hub_model_id: Optional[str] = None
+
+
+def check_options(o):
+    if o.dataset is None:
+        raise ValueError("option 'dataset' is required: a pre-tokenized data set folder or Hub id")
+    if o.order == "learned":
+        raise ValueError("option 'order': 'learned' comes from training/train_policy.py after training with a "
+                         "fixed order (usually quant-error)")
+    utils.check_choice("order", o.order, TRAIN_ORDERS)
+    for name in ("p_error", "caption_dropout"):
+        utils.check_range(name, getattr(o, name), 0.0, 1.0)
+    for name in ("batch_size", "max_steps", "num_stages", "gradient_accumulation_steps", "checkpointing_steps",
+                 "eval_steps"):
+        if getattr(o, name) < 1:
+            raise ValueError(f"option {name!r} must be a positive integer, got {getattr(o, name)!r}")
+    if o.learning_rate <= 0:
+        raise ValueError(f"option 'learning_rate' must be positive, got {o.learning_rate!r}")
+    if o.ema_decay is not None:
+        utils.check_range("ema_decay", o.ema_decay, 0.0, 1.0)
+    if o.mixed_precision is not None:
+        utils.check_choice("mixed_precision", o.mixed_precision, ("no", "fp16", "bf16", "fp8"))
+    if sum(x is not None for x in (o.model_name_or_path, o.text_encoder, o.text_config)) != 1:
+        raise ValueError("set exactly one of the options 'model_name_or_path', 'text_encoder', 'text_config'")
+    if o.cache_text_states and o.train_text_encoder:
+        raise ValueError("option 'cache_text_states' needs a frozen text encoder (train_text_encoder: false)")
+
+
+def check_world(accelerator, o):
+    if accelerator.distributed_type.value == "FSDP" and (o.ema_decay is not None or o.cache_text_states):
+        raise ValueError("options 'ema_decay' and 'cache_text_states' need whole weights on every process: "
+                         "use them with DDP, not FSDP")
+    # On a machine without GPUs, `accelerate launch --multi_gpu` starts N processes that each think they are alone.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != accelerator.num_processes:
+        raise ValueError(f"{world} processes were launched but Accelerate sees {accelerator.num_processes}: "
+                         "without GPUs set ACCELERATE_USE_CPU=1 (see training/README.md)")
+
+
+def load_tokenizer(o, train, accelerator):
+    """The caption tokenizer: given, found beside the model, or trained on the captions by the main process."""
+    if o.train_tokenizer:
+        path = os.path.join(o.output_dir, "tokenizer")
+        if accelerator.is_main_process:
+            train_caption_tokenizer(utils.all_captions(train), vocab_size=o.tokenizer_vocab_size).save_pretrained(path)
+        accelerator.wait_for_everyone()
+        return AutoTokenizer.from_pretrained(path)
+    path = o.tokenizer or o.model_name_or_path or o.text_encoder
+    if path is None:
+        raise ValueError("option 'tokenizer' is required (or train_tokenizer: true) with 'text_config'")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def data_geometry(o, info, train):
+    """(codebook size K, token grid (h, w)) from the options, the tokenization file or the VQ model."""
+    codebook_size = o.codebook_size or info.get("codebook_size")
+    if codebook_size is None and o.vqvae:
+        from diffusers import VQModel
+
+        codebook_size = VQModel.load_config(o.vqvae)["num_vq_embeddings"]
+    if codebook_size is None:
+        raise ValueError(f"option 'codebook_size' is required: no {utils.TOKENIZATION_FILE} and no vqvae")
+    grid = o.token_grid_size or info.get("grid")
+    num_tokens = len(train[0]["codes"])
+    if grid is None:
+        side = math.isqrt(num_tokens)
+        grid = (side, side)
+    if grid[0] * grid[1] != num_tokens:
+        raise ValueError(f"option 'token_grid_size': {grid} does not hold the {num_tokens} codes of an example")
+    return int(codebook_size), (int(grid[0]), int(grid[1]))
+
+
+def build_model(o, tokenizer, codebook_size, grid):
+    sizes = dict(hidden_size=o.hidden_size, num_hidden_layers=o.num_hidden_layers, intermediate_size=o.intermediate_size,
+                 num_attention_heads=o.num_attention_heads, hidden_dropout=o.hidden_dropout,
+                 attention_dropout=o.attention_dropout, codebook_size=codebook_size, token_grid_size=grid,
+                 num_stages=o.num_stages, training_order=o.order, freeze_text_encoder=not o.train_text_encoder)
+    if o.model_name_or_path:
+        model = PDMForTextToImage.from_pretrained(o.model_name_or_path)
+        if (model.config.codebook_size, tuple(model.config.token_grid_size)) != (codebook_size, grid):
+            raise ValueError(f"option 'model_name_or_path': the model's codebook/grid differ from the data's "
+                             f"{codebook_size} codes on {grid}")
+        model.config.freeze_text_encoder = not o.train_text_encoder
+        model.text_encoder.requires_grad_(o.train_text_encoder)
+    elif o.text_encoder:
+        model = PDMForTextToImage.from_text_encoder_pretrained(o.text_encoder, **sizes)
+    else:
+        text_config = T5Config(**{"vocab_size": len(tokenizer), "dropout_rate": 0.0, **o.text_config})
+        model = PDMForTextToImage(PDMConfig(text_config=text_config, **sizes))
+    if len(tokenizer) > model.config.text_config.vocab_size:
+        raise ValueError(f"option 'tokenizer': {len(tokenizer)} tokens but the T5 vocabulary has "
+                         f"{model.config.text_config.vocab_size}")
+    if o.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def make_loader(dataset, o, shuffle):
+    return torch.utils.data.DataLoader(dataset, batch_size=o.batch_size, shuffle=shuffle, drop_last=shuffle,
+                                       collate_fn=utils.collate, num_workers=o.num_workers)
+
+
+def model_inputs(model, batch, o, text, generator, device, caption_dropout):
+    config = model.config
+    captions = utils.pick_captions(batch["caption"], generator, caption_dropout)
+    tuples = utils.stage_inputs(batch, o.order, o.num_stages, config.mask_token_id, config.codebook_size,
+                                o.p_error, generator)
+    return {**tuples, **text(model, captions, device)}
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, loader, o, text):
+    """Mean validation loss over up to `eval_batches` batches, with the same draws at every evaluation."""
+    model.eval()
+    raw, losses = accelerator.unwrap_model(model), []
+    for i, batch in zip(range(o.eval_batches), loader):
+        generator = utils.step_generator(o.seed + 1, accelerator.process_index, i)
+        loss = model(**model_inputs(raw, batch, o, text, generator, accelerator.device, 0.0)).loss
+        losses.append(accelerator.gather(loss.detach()[None]).mean().item())
+    model.train()
+    return sum(losses) / max(len(losses), 1)
+
+
+@torch.no_grad()
+def sample(accelerator, model, tokenizer, vqvae, captions, o, step):
+    """Generate codes for a few validation captions; save them (and a PNG grid when a VQ model is given)."""
+    raw = accelerator.unwrap_model(model).eval()
+    tokens = tokenizer(captions, padding=True, return_tensors="pt").to(accelerator.device)
+    generator = torch.Generator(accelerator.device).manual_seed(o.seed)
+    codes = raw.generate(tokens.input_ids, tokens.attention_mask, num_stages=o.num_stages, order=o.order,
+                         generator=generator)
+    raw.train()
+    folder = os.path.join(o.output_dir, "samples")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"step-{step}.json"), "w") as f:
+        json.dump({"captions": captions, "codes": codes.tolist()}, f)
+    if vqvae is None:
+        return None
+    from progressive_denoising.vq import decode_codes, postprocess_images
+
+    images = postprocess_images(decode_codes(vqvae, codes.to(vqvae.device), raw.config.token_grid_size))
+    path = os.path.join(folder, f"step-{step}.png")
+    utils.image_grid(images).save(path)
+    if o.log_with == "tensorboard":
+        import numpy as np
+
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
+        writer.add_image("samples", np.asarray(utils.image_grid(images)), step, dataformats="HWC")
+    return path
+
+
+def save_final(accelerator, model, tokenizer, vqvae, ema, o, metrics, sample_path):
+    """The trained model (EMA weights when kept) + tokenizer, or a pipeline folder with a VQ model; model card."""
+    state_dict = accelerator.get_state_dict(model)  # collective under FSDP: every process calls it
+    if not accelerator.is_main_process:
+        return None
+    raw = accelerator.unwrap_model(model)
+    if accelerator.distributed_type.value == "FSDP":  # gathered weights into an unsharded copy
+        raw = type(raw)(raw.config)
+        raw.load_state_dict(state_dict)
+    if ema is not None:
+        ema.copy_to(raw)
+    raw.config.training_order, raw.config.num_stages = o.order, o.num_stages
+    folder = os.path.join(o.output_dir, "final")
+    if vqvae is not None:
+        from progressive_denoising.pipeline_pdm import PDMPipeline
+
+        PDMPipeline(tokenizer=tokenizer, model=raw, vqvae=vqvae).save_pretrained(folder)
+    else:
+        raw.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    image = None
+    if sample_path:
+        image = "samples.png"
+        shutil.copy(sample_path, os.path.join(folder, image))
+    card = utils.model_card(f"PDM ({o.order} order, {o.num_stages} stages)", o, metrics, o.dataset, o.max_steps,
+                            extra=f"\nOrder `{o.order}`, T = {o.num_stages} stages, p_error = {o.p_error}, "
+                                  f"caption dropout = {o.caption_dropout}.\n", sample_image=image)
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write(card)
+    if o.push_to_hub:
+        utils.push_folder(folder, o.hub_model_id, f"PDM after {o.max_steps} steps")
+    return folder
+
+
+def main(argv=None):
+    o = utils.parse_options(Options, argv)
+    check_options(o)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=o.gradient_accumulation_steps, mixed_precision=o.mixed_precision,
+        log_with=o.log_with, project_config=ProjectConfiguration(project_dir=o.output_dir, logging_dir=os.path.join(o.output_dir, "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=o.seed),
+    )
+    check_world(accelerator, o)
+    set_seed(o.seed)
+    os.makedirs(o.output_dir, exist_ok=True)
+    train, validation, info = utils.load_splits(o.dataset, o.train_split, o.validation_split, o.validation_size, o.seed)
+    tokenizer = load_tokenizer(o, train, accelerator)
+    codebook_size, grid = data_geometry(o, info, train)
+    model = build_model(o, tokenizer, codebook_size, grid)
+    vqvae = None
+    if o.vqvae:
+        from diffusers import VQModel
+
+        vqvae = VQModel.from_pretrained(o.vqvae).to(accelerator.device).eval()
+    text = utils.TextStates(tokenizer, o.max_caption_length, cache=o.cache_text_states)
+    ema = utils.EMA(model, o.ema_decay) if o.ema_decay is not None else None
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.learning_rate,
+                                  betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay)
+    # The prepared scheduler steps once per process per update, hence the factor.
+    scheduler = get_cosine_schedule_with_warmup(optimizer, o.warmup_steps * accelerator.num_processes,
+                                                o.max_steps * accelerator.num_processes)
+    train_loader = make_loader(train, o, shuffle=True)
+    eval_loader = make_loader(validation, o, shuffle=False) if validation is not None else None
+    model, optimizer, scheduler, train_loader = accelerator.prepare(model, optimizer, scheduler, train_loader)
+    eval_loader = accelerator.prepare(eval_loader) if eval_loader is not None else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    return train_loop(o, accelerator, model, optimizer, scheduler, train_loader, eval_loader, validation, tokenizer,
+                      vqvae, text, ema)
+
+
+def train_loop(o, accelerator, model, optimizer, scheduler, train_loader, eval_loader, validation, tokenizer, vqvae,
+               text, ema):
+    resume = utils.resolve_checkpoint(o.resume_from_checkpoint, o.output_dir)
+    start = 0
+    if resume:
+        accelerator.load_state(resume)
+        start = utils.checkpoint_step(resume)
+        accelerator.print(f"resumed from {resume} at step {start}")
+    accelerator.init_trackers("pdm", config=utils.tracker_config(o))
+    log = utils.JsonlLog(os.path.join(o.output_dir, "losses.jsonl"), accelerator.is_main_process)
+    write_run_info(o, accelerator)
+    accum, raw = o.gradient_accumulation_steps, accelerator.unwrap_model(model)
+    batches = utils.epoch_batches(accelerator, train_loader, start * accum)
+    metrics, sample_path = {}, None
+    model.train()
+    for step in range(start + 1, o.max_steps + 1):
+        losses = []
+        for micro in range(accum):
+            generator = utils.step_generator(o.seed, accelerator.process_index, (step - 1) * accum + micro)
+            with accelerator.accumulate(model):
+                inputs = model_inputs(raw, next(batches), o, text, generator, accelerator.device, o.caption_dropout)
+                out = model(**inputs)
+                losses.append(accelerator.reduce(torch.stack([out.loss, out.token_loss, out.state_loss]).detach(), "mean"))
+                utils.check_finite(losses[-1][0].item(), step)
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and o.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), o.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+        if ema is not None:
+            ema.update(raw)
+        loss, token_loss, state_loss = torch.stack(losses).mean(0).tolist()
+        metrics = {"loss": loss, "token_loss": token_loss, "state_loss": state_loss, "lr": scheduler.get_last_lr()[0]}
+        log.write(step=step, **metrics)
+        accelerator.log(metrics, step=step)
+        if step % o.eval_steps == 0 or step == o.max_steps:
+            metrics.update(evaluate_and_sample(o, accelerator, model, eval_loader, validation, tokenizer, vqvae, text, step))
+            sample_path = metrics.pop("sample_path", None) or sample_path
+        if step % o.checkpointing_steps == 0:
+            utils.save_checkpoint(accelerator, o.output_dir, step, o.checkpoints_total_limit)
+    accelerator.wait_for_everyone()
+    save_final(accelerator, model, tokenizer, vqvae, ema, o, metrics, sample_path)
+    accelerator.end_training()
+    return metrics
+
+
+def evaluate_and_sample(o, accelerator, model, eval_loader, validation, tokenizer, vqvae, text, step):
+    results = {}
+    if eval_loader is not None:
+        results["eval_loss"] = evaluate(accelerator, model, eval_loader, o, text)
+        accelerator.log({"eval_loss": results["eval_loss"]}, step=step)
+        utils.JsonlLog(os.path.join(o.output_dir, "eval.jsonl"), accelerator.is_main_process).write(step=step, **results)
+    # Sampling runs on the unwrapped model of the main process: not possible on FSDP-sharded weights.
+    if o.num_samples and accelerator.is_main_process and accelerator.distributed_type.value != "FSDP":
+        source = validation if validation is not None else None
+        captions = [c if isinstance(c, str) else c[0] for c in source["caption"][: o.num_samples]] if source else [""]
+        results["sample_path"] = sample(accelerator, model, tokenizer, vqvae, captions, o, step)
+    accelerator.wait_for_everyone()
+    return results
+
+
+def write_run_info(o, accelerator):
+    """One file per process: shows that every process took part and how many there were."""
+    folder = os.path.join(o.output_dir, "processes")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"rank-{accelerator.process_index}.json"), "w") as f:
+        json.dump({"process_index": accelerator.process_index, "num_processes": accelerator.num_processes,
+                   "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision}, f)
+
+
+if __name__ == "__main__":
+    main()
