@@ -391,7 +391,12 @@ def _parser(prog):
 
 def main(argv=None, prog=None):
     """`pdm make-shapes --out DIR --num-train N --seed S [--size 64] [--num-validation N] [--num-test N]`."""
-    args = _parser(prog).parse_args(argv)
+    parser = _parser(prog)
+    args = parser.parse_args(argv)
+    for name in ("num_train", "num_validation", "num_test"):
+        # datasets cannot load back a saved split with no rows.
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     dataset = make_shapes_dataset(args.num_train, args.seed, size=args.size, num_validation=args.num_validation,
                                   num_test=args.num_test)
     dataset.save_to_disk(args.out)

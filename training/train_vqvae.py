@@ -1,0 +1,241 @@
+"""Train a `diffusers.VQModel` image tokenizer (a VQ-VAE) on an image data set.
+
+Losses: reconstruction (L1 + MSE on images in [-1, 1]) + codebook (codes move to the encoder outputs) +
+commitment (encoder outputs stay near their codes, weight `--beta`). The losses are computed here rather than
+taken from `VQModel`: its quantizer runs in diffusers' "legacy" mode, which puts `beta` on the codebook term
+instead of the commitment term.
+
+Dead codes: the codebook is initialised from encoder outputs, and every `--dead_check_every` steps codes not
+chosen during the last `--dead_after` steps are re-initialised to random recent encoder outputs.
+
+At the end it reports reconstruction PSNR and codebook usage (share of codes used) on the validation split and
+saves the model with `save_pretrained` (safetensors) plus `training_metrics.json`.
+
+Example (PDM-Shapes at 64x64 -> 16x16 codes, 512 codes):
+
+    pdm make-shapes --out data/shapes --num-train 20000 --seed 0
+    python training/train_vqvae.py --data data/shapes --output models/vq-shapes --steps 20000 --device cuda
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True,
+                        help="save_to_disk folder (Dataset or DatasetDict), or a `datasets.load_dataset` name")
+    parser.add_argument("--output", required=True, help="folder to save the VQModel in")
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--train_split", default="train")
+    parser.add_argument("--validation_split", default="validation",
+                        help="split for PSNR/usage; if missing, the last 5%% of the train split is held out")
+    parser.add_argument("--resolution", type=int, default=64, help="images are resized to this square side")
+    parser.add_argument("--steps", type=int, default=10000)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--num_codes", type=int, default=512, help="codebook size")
+    parser.add_argument("--code_dim", type=int, default=16, help="dimension of a code vector (vq_embed_dim)")
+    parser.add_argument("--latent_channels", type=int, default=16)
+    parser.add_argument("--block_out_channels", default="64,128,128",
+                        help="comma-separated; n entries give a downsampling factor of 2**(n-1)")
+    parser.add_argument("--layers_per_block", type=int, default=1)
+    parser.add_argument("--norm_num_groups", type=int, default=32)
+    parser.add_argument("--beta", type=float, default=0.25, help="commitment loss weight")
+    parser.add_argument("--dead_after", type=int, default=200, help="steps without use before a code is reset")
+    parser.add_argument("--dead_check_every", type=int, default=100)
+    parser.add_argument("--log_every", type=int, default=100)
+    parser.add_argument("--max_eval_images", type=int, default=2000)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        args.block_out_channels = tuple(int(c) for c in args.block_out_channels.split(","))
+    except ValueError:
+        parser.error(f"--block_out_channels must be comma-separated integers, got {args.block_out_channels!r}")
+    for name in ("steps", "batch_size", "num_codes", "code_dim", "resolution", "dead_after", "dead_check_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be positive")
+    return args
+
+
+def load_images(data, image_column, train_split, validation_split, resolution):
+    """Load the train and validation images as (N, 3, R, R) uint8 tensors.
+
+    `data` is a `save_to_disk` folder or a `datasets.load_dataset` name (with no network, only local data works).
+    """
+    import datasets
+
+    loaded = datasets.load_from_disk(data) if os.path.isdir(data) else datasets.load_dataset(data)
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({train_split: loaded})
+    if train_split not in loaded:
+        raise ValueError(f"--train_split {train_split!r} not in {data} (has {list(loaded)})")
+    if image_column not in loaded[train_split].column_names:
+        raise ValueError(f"--image_column {image_column!r} not in {data} (has {loaded[train_split].column_names})")
+    train = to_tensor(loaded[train_split][image_column], resolution)
+    if validation_split in loaded:
+        return train, to_tensor(loaded[validation_split][image_column], resolution)
+    held = max(1, len(train) // 20)
+    return train[:-held] if len(train) > held else train, train[-held:]
+
+
+def to_tensor(images, resolution):
+    """PIL images -> (N, 3, R, R) uint8, resized (bicubic) when their size differs."""
+    arrays = []
+    for image in images:
+        image = image.convert("RGB")
+        if image.size != (resolution, resolution):
+            image = image.resize((resolution, resolution), resample=3)
+        arrays.append(np.asarray(image, dtype=np.uint8))
+    if not arrays:
+        raise ValueError("the data set has no images")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def build_model(args):
+    from diffusers import VQModel
+
+    n = len(args.block_out_channels)
+    return VQModel(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=args.block_out_channels, layers_per_block=args.layers_per_block,
+        latent_channels=args.latent_channels, vq_embed_dim=args.code_dim, num_vq_embeddings=args.num_codes,
+        norm_num_groups=args.norm_num_groups, sample_size=args.resolution,
+    )
+
+
+def quantize(model, latents):
+    """Nearest-code quantisation of encoder outputs (N, D, h, w).
+
+    Returns (codes (N, D, h, w) with gradients to the codebook, indices (N, h, w)).
+    """
+    flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+    indices = torch.cdist(flat, model.quantize.embedding.weight).argmin(1)
+    n, d, h, w = latents.shape
+    codes = model.quantize.embedding(indices).view(n, h, w, d).permute(0, 3, 1, 2)
+    return codes, indices.view(n, h, w)
+
+
+def training_losses(model, images, beta):
+    """Loss terms for (N, 3, R, R) images in [-1, 1]; also returns the encoder outputs and code indices."""
+    latents = model.encode(images).latents
+    codes, indices = quantize(model, latents)
+    codebook = F.mse_loss(codes, latents.detach())
+    commitment = beta * F.mse_loss(latents, codes.detach())
+    straight_through = latents + (codes - latents).detach()
+    recon = model.decode(straight_through, force_not_quantize=True).sample
+    reconstruction = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+    return {"reconstruction": reconstruction, "codebook": codebook, "commitment": commitment}, latents, indices
+
+
+class DeadCodeGuard:
+    """Tracks when each code was last chosen and resets codes unused for `dead_after` steps to recent encoder
+    outputs (kept in a buffer of `buffer_size` vectors)."""
+
+    def __init__(self, num_codes, dead_after, buffer_size=8192):
+        self.last_used = torch.zeros(num_codes, dtype=torch.long)
+        self.dead_after = dead_after
+        self.buffer_size = buffer_size
+        self.recent = None
+
+    def observe(self, step, latents, indices):
+        self.last_used[indices.flatten().unique().cpu()] = step
+        flat = latents.detach().permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+        self.recent = flat if self.recent is None else torch.cat([flat, self.recent])[: self.buffer_size]
+
+    @torch.no_grad()
+    def reset_dead(self, step, embedding, generator):
+        """Re-initialise dead codes of `embedding` (an nn.Embedding); returns how many were reset."""
+        dead = torch.nonzero(step - self.last_used >= self.dead_after).flatten()
+        if len(dead) == 0 or self.recent is None:
+            return 0
+        picks = torch.randint(0, len(self.recent), (len(dead),), generator=generator)
+        embedding.weight[dead.to(embedding.weight.device)] = self.recent[picks.to(self.recent.device)]
+        self.last_used[dead] = step
+        return len(dead)
+
+
+@torch.no_grad()
+def init_codebook(model, images, generator):
+    """Start the codebook at random encoder outputs so that codes begin where the data are."""
+    latents = model.encode(images).latents
+    flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+    picks = torch.randint(0, len(flat), (model.quantize.n_e,), generator=generator)
+    model.quantize.embedding.weight.copy_(flat[picks.to(flat.device)])
+
+
+@torch.no_grad()
+def evaluate(model, images, device, batch_size=64):
+    """Reconstruction PSNR (dB, images in [0, 1], mean over images) and codebook usage on (N, 3, R, R) uint8."""
+    model.eval()
+    psnrs, used = [], torch.zeros(model.quantize.n_e, dtype=torch.bool)
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].to(device).float() / 127.5 - 1
+        latents = model.encode(batch).latents
+        codes, indices = quantize(model, latents)
+        recon = model.decode(codes, force_not_quantize=True).sample.clamp(-1, 1)
+        mse = ((recon - batch) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+        psnrs.append(10 * torch.log10(1 / mse).cpu())
+        used[indices.flatten().unique().cpu()] = True
+    model.train()
+    return {"psnr": float(torch.cat(psnrs).mean()), "codebook_usage": float(used.float().mean()),
+            "codes_used": int(used.sum()), "num_codes": int(model.quantize.n_e),
+            "token_grid": list(indices.shape[1:])}
+
+
+def train(args):
+    """Train, evaluate and save; returns the validation metrics dict."""
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    train_images, validation_images = load_images(args.data, args.image_column, args.train_split,
+                                                  args.validation_split, args.resolution)
+    validation_images = validation_images[: args.max_eval_images]
+    model = build_model(args).to(args.device).train()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    guard = DeadCodeGuard(args.num_codes, args.dead_after)
+    init_codebook(model, sample_batch(train_images, 4 * args.batch_size, generator, args.device), generator)
+    resets = 0
+    for step in range(1, args.steps + 1):
+        batch = sample_batch(train_images, args.batch_size, generator, args.device)
+        losses, latents, indices = training_losses(model, batch, args.beta)
+        loss = sum(losses.values())
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        guard.observe(step, latents, indices)
+        if step % args.dead_check_every == 0:
+            resets += guard.reset_dead(step, model.quantize.embedding, generator)
+        if step % args.log_every == 0 or step == args.steps:
+            terms = " ".join(f"{k} {v.item():.4f}" for k, v in losses.items())
+            print(f"step {step}/{args.steps} loss {loss.item():.4f} ({terms}) codes reset so far {resets}", flush=True)
+    metrics = evaluate(model, validation_images, args.device)
+    metrics.update({"steps": args.steps, "dead_codes_reset": resets})
+    print(f"validation: PSNR {metrics['psnr']:.2f} dB, codebook usage {metrics['codebook_usage']:.3f} "
+          f"({metrics['codes_used']}/{metrics['num_codes']} codes), token grid {metrics['token_grid']}")
+    model.save_pretrained(args.output, safe_serialization=True)
+    with open(os.path.join(args.output, "training_metrics.json"), "w", encoding="utf-8") as handle:
+        json.dump(metrics, handle, indent=2)
+    return metrics
+
+
+def sample_batch(images, batch_size, generator, device):
+    """A random batch of (B, 3, R, R) uint8 images as floats in [-1, 1] on `device`."""
+    index = torch.randint(0, len(images), (batch_size,), generator=generator)
+    return images[index].to(device).float() / 127.5 - 1
+
+
+def main(argv=None):
+    train(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
