@@ -122,3 +122,13 @@ class PDMConfig(PretrainedConfig):
             output["text_config"] = self.text_config.to_dict()
         output["token_grid_size"] = list(self.token_grid_size)
         return output
+
+
+class PDMARConfig(PDMConfig):
+    """Configuration of the autoregressive baseline [`PDMARForTextToImage`]: the fields of [`PDMConfig`] (the
+    stage fields are unused). A model type of its own lets `AutoModel` tell the two kinds of checkpoint apart."""
+
+    model_type = "pdm_ar"
+
+    def __init__(self, **kwargs):  # explicit: transformers would otherwise derive one that skips PDMConfig's
+        super().__init__(**kwargs)

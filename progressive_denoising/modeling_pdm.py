@@ -86,8 +86,12 @@ class PDMDecoderLayer(nn.Module):
         )
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, hidden_states, text_key_value, text_mask):
-        hidden_states = hidden_states + self.dropout(self.self_attn(self.self_attn_norm(hidden_states)))
+    def forward(self, hidden_states, text_key_value, text_mask, self_attention=None):
+        """`self_attention(attn, normed_states)`, when given, replaces the bidirectional self-attention: the
+        autoregressive baseline passes its causal and KV-cached versions and so shares these weights and this code."""
+        normed = self.self_attn_norm(hidden_states)
+        attended = self.self_attn(normed) if self_attention is None else self_attention(self.self_attn, normed)
+        hidden_states = hidden_states + self.dropout(attended)
         hidden_states = hidden_states + self.dropout(
             self.cross_attn(self.cross_attn_norm(hidden_states), key_value=text_key_value, attention_mask=text_mask)
         )
@@ -122,14 +126,55 @@ class PDMDecoder(nn.Module):
         """Cross-attention keys and values of every layer; computed once per prompt, reused at every stage."""
         return [layer.cross_attn.project_key_value(text_states) for layer in self.layers]
 
-    def forward(self, image_tokens, text_key_values, text_mask):
+    def forward(self, image_tokens, text_key_values, text_mask, self_attention=None):
         hidden_states = self.code_embedding(image_tokens) + self.position_embedding()
         for layer, key_value in zip(self.layers, text_key_values):
             if self.gradient_checkpointing and self.training:
-                hidden_states = self._gradient_checkpointing_func(layer.__call__, hidden_states, key_value, text_mask)
+                hidden_states = self._gradient_checkpointing_func(
+                    layer.__call__, hidden_states, key_value, text_mask, self_attention
+                )
             else:
-                hidden_states = layer(hidden_states, key_value, text_mask)
+                hidden_states = layer(hidden_states, key_value, text_mask, self_attention)
         return self.norm(hidden_states)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling (shared with the autoregressive baseline)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_sampling_arguments(codebook_size, temperature, top_k, top_p, guidance_scale, num_images_per_prompt):
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if top_k is not None and not 1 <= top_k <= codebook_size:
+        raise ValueError(f"top_k must be between 1 and codebook_size {codebook_size}, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not guidance_scale >= 0:
+        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
+    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+
+
+def filter_logits(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:
+    """`logits` (..., K) with everything outside the top-k / the nucleus of mass top-p set to -inf."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_index = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        remove = probs.cumsum(-1) - probs >= top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(remove.scatter(-1, sorted_index, remove), float("-inf"))
+    return logits
+
+
+def sample_codes(logits, temperature, top_k, top_p, generator: Generators) -> torch.Tensor:
+    """(batch, n) codes drawn from `logits` (batch, n, K) by the Gumbel-max trick, with noise per example."""
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    uniform = rand(logits.shape, generator, logits.device)
+    exponential = -torch.log(uniform.clamp(min=1e-20))  # Exp(1); -log of it is Gumbel(0, 1)
+    return (logits - torch.log(exponential.clamp(min=1e-20))).argmax(-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,16 +351,8 @@ class PDMForTextToImage(PDMPreTrainedModel):
             raise ValueError(f"num_stages must be an integer between 1 and L = {num_tokens}, got {num_stages!r}")
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        if top_k is not None and not 1 <= top_k <= self.config.codebook_size:
-            raise ValueError(f"top_k must be between 1 and codebook_size {self.config.codebook_size}, got {top_k!r}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        if not guidance_scale >= 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        check_sampling_arguments(self.config.codebook_size, temperature, top_k, top_p, guidance_scale,
+                                 num_images_per_prompt)
         if max_replacements is not None and (not isinstance(max_replacements, int) or max_replacements < 0):
             raise ValueError(f"max_replacements must be None or an integer >= 0, got {max_replacements!r}")
 
@@ -346,25 +383,6 @@ class PDMForTextToImage(PDMPreTrainedModel):
         length = max(states.shape[1], uncond_states.shape[1])
         pad = lambda x: F.pad(x, (0, 0, 0, length - x.shape[1])) if x.dim() == 3 else F.pad(x, (0, length - x.shape[1]))
         return torch.cat([pad(states), pad(uncond_states)]), torch.cat([pad(mask), pad(uncond_mask)])
-
-    @staticmethod
-    def _filter_logits(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:
-        if top_k is not None and top_k < logits.shape[-1]:
-            kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if top_p is not None and top_p < 1.0:
-            sorted_logits, sorted_index = torch.sort(logits, dim=-1, descending=True)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            remove = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
-            logits = logits.masked_fill(remove.scatter(-1, sorted_index, remove), float("-inf"))
-        return logits
-
-    def _sample_codes(self, logits, temperature, top_k, top_p, generator) -> torch.Tensor:
-        """(batch, L) codes drawn from `logits` (batch, L, K) by the Gumbel-max trick, noise per example."""
-        logits = self._filter_logits(logits.float() / temperature, top_k, top_p)
-        uniform = rand(logits.shape, generator, logits.device)
-        exponential = -torch.log(uniform.clamp(min=1e-20))  # Exp(1); -log of it is Gumbel(0, 1)
-        return (logits - torch.log(exponential.clamp(min=1e-20))).argmax(-1)
 
     @staticmethod
     def _select(scores: torch.Tensor, candidates: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -486,5 +504,5 @@ class PDMForTextToImage(PDMPreTrainedModel):
         replace_margin = state_logits[..., STATE_REPLACE] - state_logits[..., STATE_KEEP]
         replace = self._select(replace_margin, ~masked & (replace_margin > 0), num_replace)
 
-        sampled = self._sample_codes(token_logits, temperature, top_k, top_p, generator)
+        sampled = sample_codes(token_logits, temperature, top_k, top_p, generator)
         return torch.where(generate | replace, sampled, codes)

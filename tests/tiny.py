@@ -20,11 +20,11 @@ def tiny_text_config(vocab_size=128):
                     dropout_rate=0.0, decoder_start_token_id=0)
 
 
-def tiny_config(**overrides):
+def tiny_config(config_class=PDMConfig, **overrides):
     kwargs = dict(text_config=tiny_text_config(), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=64, codebook_size=16, token_grid_size=(4, 4), num_stages=4)
     kwargs.update(overrides)
-    return PDMConfig(**kwargs)
+    return config_class(**kwargs)
 
 
 def tiny_model(seed=0, **overrides):

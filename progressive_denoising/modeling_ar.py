@@ -1,0 +1,281 @@
+"""Autoregressive (AR) baseline of the Progressive Denoising Model: the same network as PDM, one code per step.
+
+The "left to right" row of table 3 and the 1x row of table 4: a T5 text encoder and the PDM decoder (same code
+embedding, 2-D position embedding, pre-norm layers with self-attention, cross-attention to the text and an MLP,
+token head), but the self-attention is CAUSAL and the model is trained by next-code prediction (eq. 3):
+
+    log p(Y | X) = sum_i log p(y_i | y_<i, X).
+
+The decoder input is `[BOS, y_1, ..., y_{L-1}]` where BOS is the `[MASK]` id K, which a PDM never sees in front of
+a fully unmasked image, so the embedding table keeps PDM's layout. There is no state head.
+
+Parameter names are those of [`PDMForTextToImage`] (`decoder.layers.N.self_attn.q_proj`, `token_head`, ...): the
+layers are `PDMDecoderLayer`s, and the causal and the KV-cached passes call their submodules directly.
+
+Only relative imports: this file travels next to `modeling_pdm.py` when a model is shared with `trust_remote_code`.
+"""
+
+from functools import partial
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import T5EncoderModel
+
+from .configuration_pdm import PDMARConfig
+from .modeling_pdm import (
+    PDMAttention,
+    PDMDecoder,
+    PDMForTextToImage,
+    PDMOutput,
+    PDMPreTrainedModel,
+    check_sampling_arguments,
+    sample_codes,
+)
+from .ordering import IGNORE_INDEX, Generators
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layer passes on PDMDecoderLayer's weights
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _attend(attn: PDMAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **sdpa_kwargs) -> torch.Tensor:
+    """Output projection of SDPA over (batch, heads, *, head_dim) query / key / value -> (batch, Q, hidden)."""
+    out = F.scaled_dot_product_attention(query, key, value, **sdpa_kwargs)
+    return attn.o_proj(out.transpose(1, 2).flatten(2))
+
+
+def causal_self_attention(attn: PDMAttention, hidden_states: torch.Tensor) -> torch.Tensor:
+    """(batch, L, hidden) -> (batch, L, hidden): position i attends to positions <= i."""
+    query = attn._split_heads(attn.q_proj(hidden_states))
+    key, value = attn.project_key_value(hidden_states)
+    return _attend(attn, query, key, value, is_causal=True, dropout_p=attn.dropout if attn.training else 0.0)
+
+
+def cached_self_attention(
+    attn: PDMAttention,
+    hidden_states: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    step: torch.Tensor,
+    filled: torch.Tensor,
+) -> torch.Tensor:
+    """Self-attention of the one new position `step` over the cache; writes its key and value into the cache.
+
+    Args:
+        hidden_states: (batch, 1, hidden), the normed input of position `step`.
+        key_cache, value_cache: (batch, heads, L, head_dim) preallocated buffers, updated in place.
+        step: (1,) long tensor, the position being computed.
+        filled: (L,) bool, True at positions `<= step` (the ones the cache holds).
+    """
+    query = attn._split_heads(attn.q_proj(hidden_states))
+    key, value = attn.project_key_value(hidden_states)
+    # In-place writes at a tensor index keep every shape and address fixed from step to step (CUDA-graph friendly).
+    key_cache.index_copy_(2, step, key)
+    value_cache.index_copy_(2, step, value)
+    return _attend(attn, query, key_cache, value_cache, attn_mask=filled[None, None, None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class PDMARForTextToImage(PDMPreTrainedModel):
+    """Text-to-image autoregressive baseline: PDM's network with a causal decoder, one code per step (eq. 3).
+
+    Inputs of `forward`:
+        input_ids (`torch.LongTensor` of shape `(batch, S)`): T5 token ids of the prompt.
+        attention_mask (`torch.LongTensor` of shape `(batch, S)`): 1 on prompt tokens, 0 on padding.
+        image_tokens (`torch.LongTensor` of shape `(batch, L)`): the codes Y in `[0, K)`, raster order. The decoder
+            reads `[BOS, Y[:-1]]`, so `token_logits[:, i]` predicts `Y[:, i]` from `Y[:, :i]`.
+        token_labels (`torch.LongTensor` of shape `(batch, L)`, *optional*): targets, normally `image_tokens`
+            itself (-100 where ignored); the loss is their cross-entropy.
+        encoder_hidden_states (`torch.FloatTensor` of shape `(batch, S, d_model)`, *optional*): cached T5 states.
+
+    Returns a [`PDMOutput`] whose `state_loss` and `state_logits` are None.
+    """
+
+    config_class = PDMARConfig
+
+    def __init__(self, config: PDMARConfig):
+        super().__init__(config)
+        self.text_encoder = T5EncoderModel(config.text_config)
+        self.decoder = PDMDecoder(config)
+        self.token_head = nn.Linear(config.hidden_size, config.codebook_size)
+        self.post_init()
+        if config.freeze_text_encoder:
+            self.text_encoder.requires_grad_(False)
+
+    @property
+    def bos_token_id(self) -> int:
+        """The beginning-of-image token: PDM's `[MASK]` id K."""
+        return self.config.mask_token_id
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.freeze_text_encoder:
+            self.text_encoder.eval()  # a frozen encoder also keeps its dropout off
+        return self
+
+    # Text encoding and sampling are PDM's own, so both models draw the same codes from the same logits and noise.
+    encode_text = PDMForTextToImage.encode_text
+    _unconditional_input = PDMForTextToImage._unconditional_input
+    _encode_prompts = PDMForTextToImage._encode_prompts
+
+    # -- training ------------------------------------------------------------------------------------------------
+
+    def _check_codes(self, image_tokens: torch.Tensor):
+        num_tokens, num_codes = self.config.num_image_tokens, self.config.codebook_size
+        if image_tokens.dim() != 2 or image_tokens.shape[1] != num_tokens:
+            raise ValueError(
+                f"image_tokens must have shape (batch, {num_tokens}) for token_grid_size {self.config.token_grid_size}, "
+                f"got {tuple(image_tokens.shape)}"
+            )
+        low, high = int(image_tokens.min()), int(image_tokens.max())
+        if low < 0 or high >= num_codes:
+            raise ValueError(f"image_tokens must be codes in [0, {num_codes}) (no [MASK]), got values in [{low}, {high}]")
+
+    def shift_right(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """(batch, L) decoder input `[BOS, codes[:, :-1]]`."""
+        bos = torch.full_like(image_tokens[:, :1], self.bos_token_id)
+        return torch.cat([bos, image_tokens[:, :-1]], dim=1)
+
+    def decode(self, decoder_input: torch.Tensor, text_key_values, text_mask: torch.Tensor) -> torch.Tensor:
+        """(batch, L, K) token logits of the causal decoder over `decoder_input` (batch, L)."""
+        return self.token_head(self.decoder(decoder_input, text_key_values, text_mask, causal_self_attention))
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.LongTensor] = None,
+        image_tokens: Optional[torch.LongTensor] = None,
+        token_labels: Optional[torch.LongTensor] = None,
+        encoder_hidden_states: Optional[torch.FloatTensor] = None,
+        return_dict: Optional[bool] = None,
+    ):
+        if image_tokens is None:
+            raise ValueError("image_tokens is required: the codes Y of shape (batch, L)")
+        if encoder_hidden_states is None:
+            if input_ids is None:
+                raise ValueError("pass either input_ids or encoder_hidden_states")
+            encoder_hidden_states = self.encode_text(input_ids, attention_mask)
+        self._check_codes(image_tokens)
+        if attention_mask is None:
+            attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=encoder_hidden_states.device)
+        token_logits = self.decode(
+            self.shift_right(image_tokens), self.decoder.text_key_values(encoder_hidden_states), attention_mask.bool()
+        )
+        token_loss = None
+        if token_labels is not None:
+            token_loss = F.cross_entropy(
+                token_logits.flatten(0, 1).float(), token_labels.flatten(), ignore_index=IGNORE_INDEX
+            )
+        output = PDMOutput(loss=token_loss, token_loss=token_loss, token_logits=token_logits)
+        return output if return_dict is not False else output.to_tuple()
+
+    # -- generation with a KV cache ------------------------------------------------------------------------------
+
+    def _check_generate_arguments(self, input_ids, temperature, top_k, top_p, guidance_scale, num_images_per_prompt):
+        if input_ids is None or input_ids.dim() != 2 or input_ids.shape[0] == 0:
+            raise ValueError("input_ids must be a non-empty (batch, S) tensor of prompt token ids")
+        check_sampling_arguments(self.config.codebook_size, temperature, top_k, top_p, guidance_scale,
+                                 num_images_per_prompt)
+
+    def allocate_cache(self, batch_size: int) -> torch.Tensor:
+        """(layers, 2, batch, heads, L, head_dim) zeros: keys (index 0) and values (index 1) of every position."""
+        config = self.config
+        heads = config.num_attention_heads
+        shape = (config.num_hidden_layers, 2, batch_size, heads, config.num_image_tokens, config.hidden_size // heads)
+        return torch.zeros(shape, dtype=self.token_head.weight.dtype, device=self.device)
+
+    def decode_step(
+        self,
+        tokens: torch.Tensor,
+        step: torch.Tensor,
+        cache: torch.Tensor,
+        text_key_values: List[Tuple[torch.Tensor, torch.Tensor]],
+        text_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """(batch, K) logits of the code at position `step`, given the input token there; fills the cache at `step`.
+
+        Args:
+            tokens: (batch, 1) decoder input at `step`: BOS at step 0, else the code at `step - 1`.
+            step: (1,) long tensor on the model's device. A tensor, not an int, so that every call runs the same
+                kernels on the same buffers and the step can be captured once in a CUDA graph.
+            cache: the buffer of `allocate_cache`, updated in place.
+        """
+        decoder = self.decoder
+        positions = torch.arange(self.config.num_image_tokens, device=tokens.device)
+        filled = positions <= step
+        row, column = step // decoder.grid[1], step % decoder.grid[1]  # the one position, not the whole table
+        hidden_states = decoder.code_embedding(tokens) + decoder.row_embedding(row) + decoder.column_embedding(column)
+        for index, (layer, key_value) in enumerate(zip(decoder.layers, text_key_values)):
+            attention = partial(cached_self_attention, key_cache=cache[index, 0], value_cache=cache[index, 1],
+                                step=step, filled=filled)
+            hidden_states = layer(hidden_states, key_value, text_mask, attention)
+        return self.token_head(decoder.norm(hidden_states))[:, 0]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: Optional[torch.LongTensor] = None,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        guidance_scale: float = 1.0,
+        negative_input_ids: Optional[torch.LongTensor] = None,
+        negative_attention_mask: Optional[torch.LongTensor] = None,
+        num_images_per_prompt: int = 1,
+        generator: Generators = None,
+    ) -> torch.LongTensor:
+        """Generate image codes one at a time in raster order, with a KV cache (L decoder steps of one token).
+
+        The text keys and values are computed once; the keys and values of past codes live in a preallocated
+        cache, so each step costs one token's worth of decoder work. Sampling (temperature, `top_k`, `top_p`, the
+        Gumbel noise, one generator per image) and classifier-free guidance are PDM's.
+
+        Args:
+            input_ids, attention_mask: (batch, S) prompt token ids and mask.
+            guidance_scale: != 1 mixes `uncond + scale * (cond - uncond)`; the unconditional prompt is the empty
+                prompt or `negative_input_ids` (one row, or one per prompt).
+            num_images_per_prompt: images per prompt; the output has batch * num_images_per_prompt rows.
+            generator: a `torch.Generator`, or one per output row (a batch then equals its rows one by one).
+
+        Returns:
+            `torch.LongTensor` of shape (batch * num_images_per_prompt, L).
+        """
+        self._check_generate_arguments(input_ids, temperature, top_k, top_p, guidance_scale, num_images_per_prompt)
+        device = self.device
+        input_ids = input_ids.to(device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        use_guidance = guidance_scale != 1.0
+        negative = self._unconditional_input(input_ids.shape[0], negative_input_ids, negative_attention_mask, device)
+        if num_images_per_prompt > 1:
+            input_ids, attention_mask = (x.repeat_interleave(num_images_per_prompt, 0) for x in (input_ids, attention_mask))
+            negative = tuple(x.repeat_interleave(num_images_per_prompt, 0) for x in negative)
+        batch_size, num_tokens = input_ids.shape[0], self.config.num_image_tokens
+        if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != batch_size:
+            raise ValueError(
+                f"got {len(generator)} generators for {batch_size} images (prompts x num_images_per_prompt): "
+                "pass one generator or one per image"
+            )
+
+        text_states, text_mask = self._encode_prompts(input_ids, attention_mask, negative, use_guidance)
+        text_key_values = self.decoder.text_key_values(text_states)
+        cache = self.allocate_cache(text_states.shape[0])
+        codes = torch.empty((batch_size, num_tokens), dtype=torch.long, device=device)
+        tokens = torch.full((text_states.shape[0], 1), self.bos_token_id, dtype=torch.long, device=device)
+        step = torch.zeros(1, dtype=torch.long, device=device)
+        for position in range(num_tokens):
+            logits = self.decode_step(tokens, step, cache, text_key_values, text_mask)
+            if use_guidance:
+                cond, uncond = logits.float().chunk(2)
+                logits = uncond + guidance_scale * (cond - uncond)
+            sampled = sample_codes(logits[:, None], temperature, top_k, top_p, generator)  # (batch, 1)
+            codes[:, position] = sampled[:, 0]
+            tokens = torch.cat([sampled, sampled]) if use_guidance else sampled
+            step += 1
+        return codes
