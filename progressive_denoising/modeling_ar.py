@@ -123,6 +123,7 @@ class PDMARForTextToImage(PDMPreTrainedModel):
     encode_text = PDMForTextToImage.encode_text
     _unconditional_input = PDMForTextToImage._unconditional_input
     _encode_prompts = PDMForTextToImage._encode_prompts
+    _prepare_text = PDMForTextToImage._prepare_text
 
     # -- training ------------------------------------------------------------------------------------------------
 
@@ -248,26 +249,16 @@ class PDMARForTextToImage(PDMPreTrainedModel):
             `torch.LongTensor` of shape (batch * num_images_per_prompt, L).
         """
         self._check_generate_arguments(input_ids, temperature, top_k, top_p, guidance_scale, num_images_per_prompt)
-        device = self.device
-        input_ids = input_ids.to(device)
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        device, num_tokens = self.device, self.config.num_image_tokens
         use_guidance = guidance_scale != 1.0
-        negative = self._unconditional_input(input_ids.shape[0], negative_input_ids, negative_attention_mask, device)
-        if num_images_per_prompt > 1:
-            input_ids, attention_mask = (x.repeat_interleave(num_images_per_prompt, 0) for x in (input_ids, attention_mask))
-            negative = tuple(x.repeat_interleave(num_images_per_prompt, 0) for x in negative)
-        batch_size, num_tokens = input_ids.shape[0], self.config.num_image_tokens
-        if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != batch_size:
-            raise ValueError(
-                f"got {len(generator)} generators for {batch_size} images (prompts x num_images_per_prompt): "
-                "pass one generator or one per image"
-            )
-
-        text_states, text_mask = self._encode_prompts(input_ids, attention_mask, negative, use_guidance)
-        text_key_values = self.decoder.text_key_values(text_states)
-        cache = self.allocate_cache(text_states.shape[0])
+        batch_size, text_key_values, text_mask = self._prepare_text(
+            input_ids, attention_mask, guidance_scale, negative_input_ids, negative_attention_mask,
+            num_images_per_prompt, generator,
+        )
+        rows = text_mask.shape[0]  # conditional (+ unconditional) rows
+        cache = self.allocate_cache(rows)
         codes = torch.empty((batch_size, num_tokens), dtype=torch.long, device=device)
-        tokens = torch.full((text_states.shape[0], 1), self.bos_token_id, dtype=torch.long, device=device)
+        tokens = torch.full((rows, 1), self.bos_token_id, dtype=torch.long, device=device)
         step = torch.zeros(1, dtype=torch.long, device=device)
         for position in range(num_tokens):
             logits = self.decode_step(tokens, step, cache, text_key_values, text_mask)

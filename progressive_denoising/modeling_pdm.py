@@ -372,6 +372,28 @@ class PDMForTextToImage(PDMPreTrainedModel):
         return (negative_input_ids.expand(batch_size, -1).to(device),
                 negative_attention_mask.expand(batch_size, -1).to(device))
 
+    def _prepare_text(self, input_ids, attention_mask, guidance_scale, negative_input_ids, negative_attention_mask,
+                      num_images_per_prompt, generator):
+        """Number of images, cross-attention keys/values of every layer and the text mask, computed once per call.
+
+        With guidance the unconditional prompts follow the conditional ones along the batch.
+        """
+        device = self.device
+        input_ids = input_ids.to(device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        negative = self._unconditional_input(input_ids.shape[0], negative_input_ids, negative_attention_mask, device)
+        if num_images_per_prompt > 1:
+            input_ids, attention_mask = (x.repeat_interleave(num_images_per_prompt, 0) for x in (input_ids, attention_mask))
+            negative = tuple(x.repeat_interleave(num_images_per_prompt, 0) for x in negative)
+        batch_size = input_ids.shape[0]
+        if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != batch_size:
+            raise ValueError(
+                f"got {len(generator)} generators for {batch_size} images (prompts x num_images_per_prompt): "
+                "pass one generator or one per image"
+            )
+        text_states, text_mask = self._encode_prompts(input_ids, attention_mask, negative, guidance_scale != 1.0)
+        return batch_size, self.decoder.text_key_values(text_states), text_mask
+
     def _encode_prompts(self, input_ids, attention_mask, negative, use_guidance):
         """Text states and mask of the prompts, with the unconditional prompts appended when guiding."""
         states = self.encode_text(input_ids, attention_mask)
@@ -442,23 +464,11 @@ class PDMForTextToImage(PDMPreTrainedModel):
         order = self.config.training_order if order is None else order
         self._check_generate_arguments(input_ids, num_stages, order, temperature, top_k, top_p, guidance_scale,
                                        num_images_per_prompt, max_replacements)
-        device = self.device
-        input_ids = input_ids.to(device)
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-        use_guidance = guidance_scale != 1.0
-        negative = self._unconditional_input(input_ids.shape[0], negative_input_ids, negative_attention_mask, device)
-        if num_images_per_prompt > 1:
-            input_ids, attention_mask = (x.repeat_interleave(num_images_per_prompt, 0) for x in (input_ids, attention_mask))
-            negative = tuple(x.repeat_interleave(num_images_per_prompt, 0) for x in negative)
-        batch_size, num_tokens = input_ids.shape[0], self.config.num_image_tokens
-        if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != batch_size:
-            raise ValueError(
-                f"got {len(generator)} generators for {batch_size} images (prompts x num_images_per_prompt): "
-                "pass one generator or one per image"
-            )
-
-        text_states, text_mask = self._encode_prompts(input_ids, attention_mask, negative, use_guidance)
-        text_key_values = self.decoder.text_key_values(text_states)  # once per call, not per stage
+        device, num_tokens = self.device, self.config.num_image_tokens
+        batch_size, text_key_values, text_mask = self._prepare_text(
+            input_ids, attention_mask, guidance_scale, negative_input_ids, negative_attention_mask,
+            num_images_per_prompt, generator,
+        )
         fixed_ranks = None
         if is_fixed_order(order):
             fixed_ranks = scores_to_ranks(order_scores(order, batch_size, num_tokens, generator=generator, device=device))
