@@ -8,9 +8,9 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # 1. data: 20k train / 1k validation / 1k test scenes at 32x32
 pdm make-shapes --out runs/shapes32 --num-train 20000 --num-validation 1000 --num-test 1000 --seed 0 --size 32
 # 2. image tokenizer: 8x8 codes, 256 codes
-python training/train_vqvae.py --data runs/shapes32 --output runs/vq32 --resolution 32 --steps 1500 --batch_size 64 \
-    --lr 1e-3 --block_out_channels 16,32,64 --norm_num_groups 8 --num_codes 256 --log_every 50 \
-    --max_eval_images 1000 --seed 0
+python training/train_vqvae.py --data runs/shapes32 --output runs/vq32 --resolution 32 --steps 2500 --batch_size 64 \
+    --lr 1e-3 --block_out_channels 16,32,64 --norm_num_groups 8 --num_codes 256 --foreground_weight 10 \
+    --log_every 100 --max_eval_images 1000 --seed 0
 # 3. codes and quantization errors of the training images
 pdm tokenize --dataset runs/shapes32 --split train --vqvae runs/vq32 --output runs/shapes32-codes --batch_size 256 --overwrite
 # 4. the PDM (tokenizer + jointly trained T5 + decoder); writes a pipeline folder to runs/pdm-shapes32/final

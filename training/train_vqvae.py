@@ -48,6 +48,9 @@ def parse_args(argv=None):
     parser.add_argument("--layers_per_block", type=int, default=1)
     parser.add_argument("--norm_num_groups", type=int, default=32)
     parser.add_argument("--beta", type=float, default=0.25, help="commitment loss weight")
+    parser.add_argument("--foreground_weight", type=float, default=1.0,
+                        help="weight of the reconstruction loss on non-black pixels (PDM-Shapes is mostly background, "
+                        "so small objects and their exact colours matter little to an unweighted loss)")
     parser.add_argument("--dead_after", type=int, default=200, help="steps without use before a code is reset")
     parser.add_argument("--dead_check_every", type=int, default=100)
     parser.add_argument("--log_every", type=int, default=100)
@@ -124,7 +127,7 @@ def quantize(model, latents):
     return codes, indices.view(n, h, w)
 
 
-def training_losses(model, images, beta):
+def training_losses(model, images, beta, foreground_weight=1.0):
     """Loss terms for (N, 3, R, R) images in [-1, 1]; also returns the encoder outputs and code indices."""
     latents = model.encode(images).latents
     codes, indices = quantize(model, latents)
@@ -132,7 +135,10 @@ def training_losses(model, images, beta):
     commitment = beta * F.mse_loss(latents, codes.detach())
     straight_through = latents + (codes - latents).detach()
     recon = model.decode(straight_through, force_not_quantize=True).sample
-    reconstruction = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+    background = (images <= -1 + 1e-3).all(dim=1, keepdim=True)
+    weight = torch.where(background, 1.0, foreground_weight)
+    error = recon - images
+    reconstruction = (weight * (error.abs() + error.pow(2))).mean() / weight.mean()
     return {"reconstruction": reconstruction, "codebook": codebook, "commitment": commitment}, latents, indices
 
 
@@ -200,18 +206,21 @@ def train(args):
     validation_images = validation_images[: args.max_eval_images]
     model = build_model(args).to(args.device).train()
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=args.steps, eta_min=args.lr / 10)
     guard = DeadCodeGuard(args.num_codes, args.dead_after)
     init_codebook(model, sample_batch(train_images, 4 * args.batch_size, generator, args.device), generator)
     resets = 0
     for step in range(1, args.steps + 1):
         batch = sample_batch(train_images, args.batch_size, generator, args.device)
-        losses, latents, indices = training_losses(model, batch, args.beta)
+        losses, latents, indices = training_losses(model, batch, args.beta, args.foreground_weight)
         loss = sum(losses.values())
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
+        schedule.step()
         guard.observe(step, latents, indices)
-        if step % args.dead_check_every == 0:
+        # No resets in the last fifth: a reset code needs steps to settle before the model is saved.
+        if step % args.dead_check_every == 0 and step <= 0.8 * args.steps:
             resets += guard.reset_dead(step, model.quantize.embedding, generator)
         if step % args.log_every == 0 or step == args.steps:
             terms = " ".join(f"{k} {v.item():.4f}" for k, v in losses.items())

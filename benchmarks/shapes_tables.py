@@ -1,0 +1,170 @@
+"""The paper's tables 3-5 in miniature, on PDM-Shapes.
+
+    # table 4: one trained pipeline, several stage counts (plus the VQ reconstructions as the ceiling)
+    python benchmarks/shapes_tables.py stages --model runs/pdm-shapes32/final --recogniser runs/recogniser32 \
+        --data runs/shapes32 --stages 4,8,16,64 --out table4.json --md table4.md
+
+    # tables 3 and 5: one training run per arm (same config and budget), each evaluated like table 4
+    python benchmarks/shapes_tables.py orders  --config training/configs/shapes32_cpu.yaml --max_steps 3000 ...
+    python benchmarks/shapes_tables.py p-error --config training/configs/shapes32_cpu.yaml --max_steps 3000 ...
+
+Every row reports prompt alignment (all prompts and the held-out (colour, shape) pairs), FID with the recogniser's
+features against the real test images, and seconds per image of `generate` (VQ decoding excluded) on this device.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from progressive_denoising import PDMPipeline  # noqa: E402
+from progressive_denoising import evaluation  # noqa: E402
+from progressive_denoising.vq import decode_codes, encode_to_codes, postprocess_images, preprocess_images  # noqa: E402
+
+ORDER_ARMS = ("raster", "random", "quant-error", "reverse-quant-error")
+P_ERROR_ARMS = (0.0, 0.3, 0.5, 0.7, 1.0)
+
+
+def generate_images(pipe, captions, num_stages, seed, batch_size, guidance_scale, order=None):
+    """PIL images for `captions` (image i drawn with generator seed + i) and the seconds `generate` took."""
+    images, seconds = [], 0.0
+    for start in range(0, len(captions), batch_size):
+        chunk = captions[start:start + batch_size]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+        input_ids, attention_mask = pipe.encode_prompt(chunk)
+        began = time.perf_counter()
+        codes = pipe.model.generate(input_ids, attention_mask, num_stages=num_stages, order=order,
+                                    guidance_scale=guidance_scale, generator=generators)
+        seconds += time.perf_counter() - began
+        images += postprocess_images(pipe.decode_codes(codes), "pil")
+    return images, seconds
+
+
+def vq_reconstructions(pipe, real_images, batch_size):
+    """The real images through the pipeline's VQ model: the ceiling any code generator can reach."""
+    resolution = pipe.vqvae.config.sample_size
+    out = []
+    for start in range(0, len(real_images), batch_size):
+        pixels = preprocess_images(real_images[start:start + batch_size], resolution)
+        codes, _ = encode_to_codes(pipe.vqvae, pixels)
+        out += postprocess_images(decode_codes(pipe.vqvae, codes, pipe.model.config.token_grid_size), "pil")
+    return out
+
+
+def score(recogniser, images, captions, real_images, real_captions):
+    row = evaluation.evaluate(recogniser, images, captions, real_images, real_captions)["generated"]
+    return {k: row[k] for k in ("images", "alignment", "alignment_held_out", "fid")}
+
+
+def load_test(data, num_prompts):
+    real = evaluation.load_split(data, "test")
+    count = min(num_prompts, len(real["caption"]))
+    return list(real["image"][:count]), list(real["caption"][:count])
+
+
+def stages_table(args):
+    """Table 4: alignment, FID and speed of one pipeline at several stage counts."""
+    pipe = PDMPipeline.from_pretrained(args.model).to(args.device)
+    recogniser = evaluation.ShapesRecogniser.from_pretrained(args.recogniser, device=args.device)
+    real_images, captions = load_test(args.data, args.num_prompts)
+    rows = {"ground truth": score(recogniser, real_images, captions, real_images, captions)}
+    rows["VQ reconstruction"] = score(recogniser, vq_reconstructions(pipe, real_images, args.batch_size), captions,
+                                      real_images, captions)
+    num_tokens = pipe.model.config.num_image_tokens
+    stage_counts = sorted({int(s) for s in args.stages.split(",")} | {num_tokens})
+    for num_stages in stage_counts:
+        images, seconds = generate_images(pipe, captions, num_stages, args.seed, args.batch_size, args.guidance_scale)
+        rows[f"PDM T={num_stages}"] = dict(score(recogniser, images, captions, real_images, captions),
+                                           seconds_per_image=seconds / len(captions), stages=num_stages)
+    one_per_stage = rows[f"PDM T={num_tokens}"]["seconds_per_image"]
+    for row in rows.values():
+        if "seconds_per_image" in row:
+            row["speed_up"] = one_per_stage / row["seconds_per_image"]
+    return rows
+
+
+def train_arm(args, name, overrides):
+    """Train one arm with train_pdm.py (same config and budget as every other arm); returns its pipeline folder."""
+    output_dir = os.path.join(args.runs, name)
+    command = [sys.executable, "training/train_pdm.py", "--config", args.config, "--max_steps", str(args.max_steps),
+               "--output_dir", output_dir, *overrides]
+    if not os.path.isdir(os.path.join(output_dir, "final")):
+        subprocess.run(command, check=True)
+    return os.path.join(output_dir, "final")
+
+
+def arms_table(args, arms):
+    recogniser = evaluation.ShapesRecogniser.from_pretrained(args.recogniser, device=args.device)
+    real_images, captions = load_test(args.data, args.num_prompts)
+    rows = {}
+    for name, overrides, order in arms:
+        pipe = PDMPipeline.from_pretrained(train_arm(args, name, overrides)).to(args.device)
+        images, seconds = generate_images(pipe, captions, pipe.model.config.num_stages, args.seed, args.batch_size,
+                                          args.guidance_scale, order)
+        rows[name] = dict(score(recogniser, images, captions, real_images, captions),
+                          seconds_per_image=seconds / len(captions), stages=pipe.model.config.num_stages)
+    return rows
+
+
+def format_rows(rows):
+    lines = ["| row | images | alignment | alignment (held-out pairs) | FID | stages | s / image | speed-up vs T = L |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, row in rows.items():
+        cell = lambda key, fmt: "-" if row.get(key) is None else format(row[key], fmt)  # noqa: E731
+        lines.append(f"| {name} | {row['images']} | {cell('alignment', '.3f')} | {cell('alignment_held_out', '.3f')} "
+                     f"| {cell('fid', '.2f')} | {cell('stages', 'd')} | {cell('seconds_per_image', '.4f')} "
+                     f"| {cell('speed_up', '.1f')} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("table", choices=("stages", "orders", "p-error"))
+    parser.add_argument("--model", help="stages: the pipeline folder")
+    parser.add_argument("--config", help="orders / p-error: the training config every arm shares")
+    parser.add_argument("--max_steps", type=int, default=3000, help="orders / p-error: training budget of every arm")
+    parser.add_argument("--runs", default="runs/tables", help="orders / p-error: where the arms are trained")
+    parser.add_argument("--recogniser", required=True)
+    parser.add_argument("--data", required=True, help="PDM-Shapes folder (its test split is used)")
+    parser.add_argument("--stages", default="4,8,16,64")
+    parser.add_argument("--num-prompts", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--guidance-scale", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", help="JSON file for the rows")
+    parser.add_argument("--md", help="Markdown file for the table")
+    args = parser.parse_args(argv)
+    if args.table == "stages" and not args.model:
+        parser.error("stages needs --model")
+    if args.table != "stages" and not args.config:
+        parser.error(f"{args.table} needs --config")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.table == "stages":
+        rows = stages_table(args)
+    elif args.table == "orders":
+        rows = arms_table(args, [(f"order={o}", [f"order={o}"], o) for o in ORDER_ARMS])
+    else:
+        rows = arms_table(args, [(f"p_error={p}", [f"p_error={p}"], None) for p in P_ERROR_ARMS])
+    table = format_rows(rows)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=2)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
