@@ -230,8 +230,10 @@ def resolve_device_and_dtype(args) -> tuple:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def bench_pdm(config, device, dtype, batch_sizes, stage_counts, prompt_length, guidance_scale, repeats, peak):
+def bench_pdm(config, device, dtype, batch_sizes, stage_counts, prompt_length, guidance_scale, repeats, peak, compile):
     model = build_model(PDMForTextToImage, config, device, dtype)
+    if compile:
+        model.compile_generation()
     rows = []
     for batch_size in batch_sizes:
         prompts = random_prompts(config, batch_size, prompt_length, device)
@@ -248,8 +250,10 @@ def bench_pdm(config, device, dtype, batch_sizes, stage_counts, prompt_length, g
     return rows
 
 
-def bench_ar(config, device, dtype, batch_sizes, prompt_length, guidance_scale, repeats, peak):
+def bench_ar(config, device, dtype, batch_sizes, prompt_length, guidance_scale, repeats, peak, compile):
     model = build_model(PDMARForTextToImage, config, device, dtype)
+    if compile:
+        model.compile_generation()
     rows = []
     for batch_size in batch_sizes:
         prompts = random_prompts(config, batch_size, prompt_length, device)
@@ -302,6 +306,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per point, median (default 3 cuda, 1 cpu)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads; default 1 on cpu (steady on a shared machine), torch's choice on cuda")
+    parser.add_argument("--compile", action="store_true",
+                        help="time the fast path: model.compile_generation() (CUDA graphs on cuda); warm-up compiles")
     parser.add_argument("--out", default="", help="JSON file")
     parser.add_argument("--md", default="", help="Markdown file")
     return parser.parse_args(argv)
@@ -318,12 +324,14 @@ def main(argv=None):
     peak = matmul_peak_tflops(device, dtype, repeats)
     print(f"matmul peak: {peak:.3g} TFLOP/s ({dtype_name}, {device_name(device)})", flush=True)
     common = (config, device, dtype)
-    pdm_rows = bench_pdm(*common, batch_sizes, args.stages, args.prompt_length, args.guidance_scale, repeats, peak)
-    ar_rows = bench_ar(*common, batch_sizes, args.prompt_length, args.guidance_scale, repeats, peak)
+    pdm_rows = bench_pdm(*common, batch_sizes, args.stages, args.prompt_length, args.guidance_scale, repeats, peak,
+                         args.compile)
+    ar_rows = bench_ar(*common, batch_sizes, args.prompt_length, args.guidance_scale, repeats, peak, args.compile)
     add_speedups(pdm_rows, ar_rows)
 
     env = environment(device, dtype_name, peak, args.config)
-    env.update(prompt_length=args.prompt_length, guidance_scale=args.guidance_scale, repeats=repeats)
+    env.update(prompt_length=args.prompt_length, guidance_scale=args.guidance_scale, repeats=repeats,
+               compiled=args.compile)
     results = dict(env, results=pdm_rows + ar_rows)
     write_outputs(results, markdown_table(env, pdm_rows + ar_rows, "Generation"), args.out, args.md)
     return results

@@ -64,8 +64,8 @@ def score(recogniser, images, captions, real_images, real_captions):
 
 def load_test(data, num_prompts):
     real = evaluation.load_split(data, "test")
-    count = min(num_prompts, len(real["caption"]))
-    return list(real["image"][:count]), list(real["caption"][:count])
+    real = real.select(range(min(num_prompts, len(real))))
+    return [image.convert("RGB") for image in real["image"]], list(real["caption"])
 
 
 def stages_table(args):

@@ -98,6 +98,7 @@ class PDMARForTextToImage(PDMPreTrainedModel):
     """
 
     config_class = PDMARConfig
+    _generation_step = "decode_step"
 
     def __init__(self, config: PDMARConfig):
         super().__init__(config)
@@ -261,7 +262,7 @@ class PDMARForTextToImage(PDMPreTrainedModel):
         tokens = torch.full((rows, 1), self.bos_token_id, dtype=torch.long, device=device)
         step = torch.zeros(1, dtype=torch.long, device=device)
         for position in range(num_tokens):
-            logits = self.decode_step(tokens, step, cache, text_key_values, text_mask)
+            logits = self._generation_step_fn()(tokens, step, cache, text_key_values, text_mask)
             if use_guidance:
                 cond, uncond = logits.float().chunk(2)
                 logits = uncond + guidance_scale * (cond - uncond)

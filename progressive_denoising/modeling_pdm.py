@@ -189,6 +189,24 @@ class PDMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["PDMDecoderLayer", "T5Block"]
     _supports_sdpa = True
+    _generation_step = "decode"  # the method `generate` calls once per stage (PDM) or per code (AR)
+
+    def compile_generation(self, mode: Optional[str] = None, **compile_kwargs):
+        """Compile the decoder pass that `generate` repeats (the fast path); returns the model.
+
+        Every stage runs the same kernels on tensors of the same shapes (the text keys and values are computed once
+        per call), so one compiled graph serves a whole `generate` call. On CUDA the default mode is
+        `"reduce-overhead"`, which also replays the graph as a CUDA graph. Sampling and position selection stay
+        eager, so the codes for given seeds are the plain path's up to floating-point reassociation.
+        `compile_kwargs` go to `torch.compile`; `model.compile_generation(mode=None)` on CPU uses inductor's default.
+        """
+        if mode is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        self._compiled_step = torch.compile(getattr(self, self._generation_step), mode=mode, **compile_kwargs)
+        return self
+
+    def _generation_step_fn(self):
+        return self.__dict__.get("_compiled_step") or getattr(self, self._generation_step)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -495,7 +513,7 @@ class PDMForTextToImage(PDMPreTrainedModel):
         """One stage: Y^t -> Y^{t+1}. Every tensor keeps its shape from stage to stage."""
         use_guidance = guidance_scale != 1.0
         decoder_input = torch.cat([codes, codes]) if use_guidance else codes
-        token_logits, state_logits = self.decode(decoder_input, text_key_values, text_mask)
+        token_logits, state_logits = self._generation_step_fn()(decoder_input, text_key_values, text_mask)
         if use_guidance:
             cond, uncond = token_logits.float().chunk(2)
             token_logits = uncond + guidance_scale * (cond - uncond)

@@ -212,3 +212,14 @@ def test_top_k_one_is_greedy():
     assert torch.equal(a, b)
     nucleus = model.generate(ids, mask, top_p=1e-6, max_replacements=0, generator=generators(2, seed=3))
     assert torch.equal(a, nucleus)
+
+
+def test_compiled_fast_path_gives_the_plain_codes():
+    plain = tiny_model()
+    fast = tiny_model().compile_generation()
+    ids, mask = prompts()
+    for guidance_scale in (1.0, 3.0):
+        kwargs = dict(num_stages=4, guidance_scale=guidance_scale, return_stages=True)
+        expected = plain.generate(ids, mask, generator=generators(2), **kwargs)
+        got = fast.generate(ids, mask, generator=generators(2), **kwargs)
+        assert torch.equal(got.stages, expected.stages)

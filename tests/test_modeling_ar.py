@@ -225,3 +225,14 @@ def test_auto_model_tells_ar_and_pdm_checkpoints_apart(tmp_path):
     PDMForTextToImage(tiny_config()).save_pretrained(tmp_path / "pdm")
     assert type(AutoModel.from_pretrained(tmp_path / "ar")) is PDMARForTextToImage
     assert type(AutoModel.from_pretrained(tmp_path / "pdm")) is PDMForTextToImage
+
+
+def test_compiled_fast_path_gives_the_plain_codes():
+    plain, fast = ar_model(), ar_model().compile_generation()
+    batch = inputs(plain.config)
+    # guidance: the conditional and unconditional rows go through the compiled step as one batch
+    expected = plain.generate(batch["input_ids"], batch["attention_mask"], guidance_scale=3.0,
+                              generator=torch.Generator().manual_seed(0))
+    got = fast.generate(batch["input_ids"], batch["attention_mask"], guidance_scale=3.0,
+                        generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got, expected)
