@@ -125,6 +125,7 @@ class PDMARForTextToImage(PDMPreTrainedModel):
     _unconditional_input = PDMForTextToImage._unconditional_input
     _encode_prompts = PDMForTextToImage._encode_prompts
     _prepare_text = PDMForTextToImage._prepare_text
+    from_text_encoder_pretrained = classmethod(PDMForTextToImage.from_text_encoder_pretrained.__func__)
 
     # -- training ------------------------------------------------------------------------------------------------
 

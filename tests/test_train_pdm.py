@@ -98,6 +98,23 @@ def test_resuming_after_a_kill_matches_an_uninterrupted_run(config, tmp_path):
         assert abs(straight_curve[step] - resumed_curve[step]) < 1e-6, step
 
 
+def test_the_autoregressive_baseline_trains_through_the_same_script(config, tmp_path):
+    out = str(tmp_path / "ar")
+    result = run(["--config", config, "--output_dir", out, "--model_type", "ar", "--max_steps", "40",
+                  "--eval_steps", "40", "--checkpointing_steps", "100", "--batch_size", "8"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    curve = [losses(out)[s] for s in range(1, 41)]
+    assert sum(curve[-8:]) / 8 < sum(curve[:8]) / 8 - 0.1, "the next-code loss did not go down"
+    from transformers import AutoModel
+
+    from progressive_denoising import PDMARForTextToImage
+
+    model = AutoModel.from_pretrained(os.path.join(out, "final"))
+    assert isinstance(model, PDMARForTextToImage)
+    samples = json.load(open(os.path.join(out, "samples", "step-40.json")))
+    assert torch.tensor(samples["codes"]).shape == (2, 16)
+
+
 def test_a_nan_loss_stops_naming_the_step(config, tmp_path):
     out = str(tmp_path / "nan")
     result = run(["--config", config, "--output_dir", out, "--max_steps", "5", "--learning_rate", "1e30",
@@ -135,6 +152,8 @@ def test_bad_options_raise_value_errors_naming_them():
         check_options(Options(dataset="d", text_config={}, p_error=2.0))
     with pytest.raises(ValueError, match="model_name_or_path"):
         check_options(Options(dataset="d"))
+    with pytest.raises(ValueError, match="'model_type'"):
+        check_options(Options(dataset="d", text_config={}, model_type="gpt"))
 
 
 def test_cached_text_states_give_the_same_loss_as_the_encoder():

@@ -22,11 +22,13 @@ from transformers import AutoTokenizer, T5Config, get_cosine_schedule_with_warmu
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from progressive_denoising import PDMConfig, PDMForTextToImage  # noqa: E402
+from progressive_denoising import PDMARConfig, PDMARForTextToImage, PDMConfig, PDMForTextToImage  # noqa: E402
 from progressive_denoising.text_tokenizer import train_caption_tokenizer  # noqa: E402
 from training import utils  # noqa: E402
 
 TRAIN_ORDERS = ("raster", "random", "quant-error", "reverse-quant-error")
+# "pdm": staged masked filling (eq. 4); "ar": the autoregressive baseline, next-code loss in raster order (eq. 3).
+MODEL_TYPES = {"pdm": (PDMConfig, PDMForTextToImage), "ar": (PDMARConfig, PDMARForTextToImage)}
 
 
 @dataclasses.dataclass
@@ -39,6 +41,7 @@ class Options:
     codebook_size: Optional[int] = None  # default: pdm_tokenization.json, else the VQ model
     token_grid_size: Optional[list] = None  # (h, w); default: pdm_tokenization.json, else square
     # model: an existing PDM, or a pretrained T5 encoder, or a fresh T5 of `text_config` sizes
+    model_type: str = "pdm"  # pdm, or ar: the KV-cached autoregressive baseline trained by the same loop
     model_name_or_path: Optional[str] = None
     text_encoder: Optional[str] = None
     text_config: Optional[dict] = None
@@ -95,6 +98,7 @@ def check_options(o):
         raise ValueError("option 'order': 'learned' comes from training/train_policy.py after training with a "
                          "fixed order (usually quant-error)")
     utils.check_choice("order", o.order, TRAIN_ORDERS)
+    utils.check_choice("model_type", o.model_type, tuple(MODEL_TYPES))
     for name in ("p_error", "caption_dropout"):
         utils.check_range(name, getattr(o, name), 0.0, 1.0)
     for name in ("batch_size", "max_steps", "num_stages", "gradient_accumulation_steps", "checkpointing_steps",
@@ -162,18 +166,19 @@ def build_model(o, tokenizer, codebook_size, grid):
                  num_attention_heads=o.num_attention_heads, hidden_dropout=o.hidden_dropout,
                  attention_dropout=o.attention_dropout, codebook_size=codebook_size, token_grid_size=grid,
                  num_stages=o.num_stages, training_order=o.order, freeze_text_encoder=not o.train_text_encoder)
+    config_class, model_class = MODEL_TYPES[o.model_type]
     if o.model_name_or_path:
-        model = PDMForTextToImage.from_pretrained(o.model_name_or_path)
+        model = model_class.from_pretrained(o.model_name_or_path)
         if (model.config.codebook_size, tuple(model.config.token_grid_size)) != (codebook_size, grid):
             raise ValueError(f"option 'model_name_or_path': the model's codebook/grid differ from the data's "
                              f"{codebook_size} codes on {grid}")
         model.config.freeze_text_encoder = not o.train_text_encoder
         model.text_encoder.requires_grad_(o.train_text_encoder)
     elif o.text_encoder:
-        model = PDMForTextToImage.from_text_encoder_pretrained(o.text_encoder, **sizes)
+        model = model_class.from_text_encoder_pretrained(o.text_encoder, **sizes)
     else:
         text_config = T5Config(**{"vocab_size": len(tokenizer), "dropout_rate": 0.0, **o.text_config})
-        model = PDMForTextToImage(PDMConfig(text_config=text_config, **sizes))
+        model = model_class(config_class(text_config=text_config, **sizes))
     if len(tokenizer) > model.config.text_config.vocab_size:
         raise ValueError(f"option 'tokenizer': {len(tokenizer)} tokens but the T5 vocabulary has "
                          f"{model.config.text_config.vocab_size}")
@@ -190,9 +195,16 @@ def make_loader(dataset, o, shuffle):
 def model_inputs(model, batch, o, text, generator, device, caption_dropout):
     config = model.config
     captions = utils.pick_captions(batch["caption"], generator, caption_dropout)
-    tuples = utils.stage_inputs(batch, o.order, o.num_stages, config.mask_token_id, config.codebook_size,
-                                o.p_error, generator)
-    return {**tuples, **text(model, captions, device)}
+    if o.model_type == "ar":
+        targets = {"image_tokens": batch["codes"], "token_labels": batch["codes"]}
+    else:
+        targets = utils.stage_inputs(batch, o.order, o.num_stages, config.mask_token_id, config.codebook_size,
+                                     o.p_error, generator)
+    return {**targets, **text(model, captions, device)}
+
+
+def generate_kwargs(o):
+    return {} if o.model_type == "ar" else {"num_stages": o.num_stages, "order": o.order}
 
 
 @torch.no_grad()
@@ -214,8 +226,7 @@ def sample(accelerator, model, tokenizer, vqvae, captions, o, step):
     raw = accelerator.unwrap_model(model).eval()
     tokens = tokenizer(captions, padding=True, return_tensors="pt").to(accelerator.device)
     generator = torch.Generator(accelerator.device).manual_seed(o.seed)
-    codes = raw.generate(tokens.input_ids, tokens.attention_mask, num_stages=o.num_stages, order=o.order,
-                         generator=generator)
+    codes = raw.generate(tokens.input_ids, tokens.attention_mask, generator=generator, **generate_kwargs(o))
     raw.train()
     folder = os.path.join(o.output_dir, "samples")
     os.makedirs(folder, exist_ok=True)
@@ -249,7 +260,7 @@ def save_final(accelerator, model, tokenizer, vqvae, ema, o, metrics, sample_pat
         ema.copy_to(raw)
     raw.config.training_order, raw.config.num_stages = o.order, o.num_stages
     folder = os.path.join(o.output_dir, "final")
-    if vqvae is not None:
+    if vqvae is not None and o.model_type == "pdm":
         from progressive_denoising.pipeline_pdm import PDMPipeline
 
         PDMPipeline(tokenizer=tokenizer, model=raw, vqvae=vqvae).save_pretrained(folder)
@@ -260,9 +271,13 @@ def save_final(accelerator, model, tokenizer, vqvae, ema, o, metrics, sample_pat
     if sample_path:
         image = "samples.png"
         shutil.copy(sample_path, os.path.join(folder, image))
-    card = utils.model_card(f"PDM ({o.order} order, {o.num_stages} stages)", o, metrics, o.dataset, o.max_steps,
-                            extra=f"\nOrder `{o.order}`, T = {o.num_stages} stages, p_error = {o.p_error}, "
-                                  f"caption dropout = {o.caption_dropout}.\n", sample_image=image)
+    if o.model_type == "ar":
+        title, extra = "Autoregressive baseline (raster order, KV cache)", "\nNext-code training, one code per step.\n"
+    else:
+        title = f"PDM ({o.order} order, {o.num_stages} stages)"
+        extra = (f"\nOrder `{o.order}`, T = {o.num_stages} stages, p_error = {o.p_error}, "
+                 f"caption dropout = {o.caption_dropout}.\n")
+    card = utils.model_card(title, o, metrics, o.dataset, o.max_steps, extra=extra, sample_image=image)
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(card)
     if o.push_to_hub:
@@ -329,7 +344,8 @@ def train_loop(o, accelerator, model, optimizer, scheduler, train_loader, eval_l
             with accelerator.accumulate(model):
                 inputs = model_inputs(raw, next(batches), o, text, generator, accelerator.device, o.caption_dropout)
                 out = model(**inputs)
-                losses.append(accelerator.reduce(torch.stack([out.loss, out.token_loss, out.state_loss]).detach(), "mean"))
+                state_loss = out.state_loss if out.state_loss is not None else torch.zeros_like(out.loss)  # AR: none
+                losses.append(accelerator.reduce(torch.stack([out.loss, out.token_loss, state_loss]).detach(), "mean"))
                 utils.check_finite(losses[-1][0].item(), step)
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients and o.max_grad_norm:
