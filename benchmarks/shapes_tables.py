@@ -4,7 +4,8 @@
     python benchmarks/shapes_tables.py stages --model runs/pdm-shapes32/final --recogniser runs/recogniser32 \
         --data runs/shapes32 --stages 4,8,16,64 --out table4.json --md table4.md
 
-    # tables 3 and 5: one training run per arm (same config and budget), each evaluated like table 4
+    # tables 3 and 5: one training run per arm (same config and budget), each evaluated at the config's stages;
+    # table 3 also trains the autoregressive baseline (model_type=ar) and samples it with its KV cache
     python benchmarks/shapes_tables.py orders  --config training/configs/shapes32_cpu.yaml --max_steps 3000 ...
     python benchmarks/shapes_tables.py p-error --config training/configs/shapes32_cpu.yaml --max_steps 3000 ...
 
@@ -15,19 +16,21 @@ features against the real test images, and seconds per image of `generate` (VQ d
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 
 import torch
+import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from progressive_denoising import PDMPipeline  # noqa: E402
+from progressive_denoising import PDMARForTextToImage, PDMPipeline  # noqa: E402
 from progressive_denoising import evaluation  # noqa: E402
 from progressive_denoising.vq import decode_codes, encode_to_codes, postprocess_images, preprocess_images  # noqa: E402
 
-ORDER_ARMS = ("raster", "random", "quant-error", "reverse-quant-error")
+ORDER_ARMS = ("raster", "random", "quant-error", "reverse-quant-error")  # plus the autoregressive baseline
 P_ERROR_ARMS = (0.0, 0.3, 0.5, 0.7, 1.0)
 
 
@@ -38,9 +41,10 @@ def generate_images(pipe, captions, num_stages, seed, batch_size, guidance_scale
         chunk = captions[start:start + batch_size]
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
         input_ids, attention_mask = pipe.encode_prompt(chunk)
+        stage_kwargs = {} if isinstance(pipe.model, PDMARForTextToImage) else dict(num_stages=num_stages, order=order)
         began = time.perf_counter()
-        codes = pipe.model.generate(input_ids, attention_mask, num_stages=num_stages, order=order,
-                                    guidance_scale=guidance_scale, generator=generators)
+        codes = pipe.model.generate(input_ids, attention_mask, guidance_scale=guidance_scale, generator=generators,
+                                    **stage_kwargs)
         seconds += time.perf_counter() - began
         images += postprocess_images(pipe.decode_codes(codes), "pil")
     return images, seconds
@@ -91,7 +95,7 @@ def stages_table(args):
 
 def train_arm(args, name, overrides):
     """Train one arm with train_pdm.py (same config and budget as every other arm); returns its pipeline folder."""
-    output_dir = os.path.join(args.runs, name)
+    output_dir = os.path.join(args.runs, re.sub(r"[^\w.=-]+", "_", name).strip("_"))
     command = [sys.executable, "training/train_pdm.py", "--config", args.config, "--max_steps", str(args.max_steps),
                "--output_dir", output_dir, *overrides]
     if not os.path.isdir(os.path.join(output_dir, "final")):
@@ -99,16 +103,32 @@ def train_arm(args, name, overrides):
     return os.path.join(output_dir, "final")
 
 
+def load_arm(folder, config):
+    """A pipeline folder (PDM arms), or the AR baseline's model + tokenizer with the config's VQ model."""
+    if os.path.isdir(os.path.join(folder, "model")):
+        return PDMPipeline.from_pretrained(folder)
+    from diffusers import VQModel
+    from transformers import AutoModel, AutoTokenizer
+
+    with open(config) as f:
+        vqvae = yaml.safe_load(f)["vqvae"]
+    return PDMPipeline(tokenizer=AutoTokenizer.from_pretrained(folder), model=AutoModel.from_pretrained(folder),
+                       vqvae=VQModel.from_pretrained(vqvae))
+
+
 def arms_table(args, arms):
     recogniser = evaluation.ShapesRecogniser.from_pretrained(args.recogniser, device=args.device)
     real_images, captions = load_test(args.data, args.num_prompts)
     rows = {}
     for name, overrides, order in arms:
-        pipe = PDMPipeline.from_pretrained(train_arm(args, name, overrides)).to(args.device)
-        images, seconds = generate_images(pipe, captions, pipe.model.config.num_stages, args.seed, args.batch_size,
-                                          args.guidance_scale, order)
+        if args.arms and not any(wanted in name for wanted in args.arms.split(",")):
+            continue
+        pipe = load_arm(train_arm(args, name, overrides), args.config).to(args.device)
+        autoregressive = isinstance(pipe.model, PDMARForTextToImage)
+        steps = pipe.model.config.num_image_tokens if autoregressive else pipe.model.config.num_stages
+        images, seconds = generate_images(pipe, captions, steps, args.seed, args.batch_size, args.guidance_scale, order)
         rows[name] = dict(score(recogniser, images, captions, real_images, captions),
-                          seconds_per_image=seconds / len(captions), stages=pipe.model.config.num_stages)
+                          seconds_per_image=seconds / len(captions), stages=steps)
     return rows
 
 
@@ -130,6 +150,7 @@ def parse_args(argv=None):
     parser.add_argument("--config", help="orders / p-error: the training config every arm shares")
     parser.add_argument("--max_steps", type=int, default=3000, help="orders / p-error: training budget of every arm")
     parser.add_argument("--runs", default="runs/tables", help="orders / p-error: where the arms are trained")
+    parser.add_argument("--arms", default="", help="orders / p-error: only the arms whose name contains one of these")
     parser.add_argument("--recogniser", required=True)
     parser.add_argument("--data", required=True, help="PDM-Shapes folder (its test split is used)")
     parser.add_argument("--stages", default="4,8,16,64")
@@ -153,7 +174,8 @@ def main(argv=None):
     if args.table == "stages":
         rows = stages_table(args)
     elif args.table == "orders":
-        rows = arms_table(args, [(f"order={o}", [f"order={o}"], o) for o in ORDER_ARMS])
+        arms = [(f"order={o}", [f"order={o}"], o) for o in ORDER_ARMS]
+        rows = arms_table(args, arms + [("autoregressive (KV cache)", ["model_type=ar"], None)])
     else:
         rows = arms_table(args, [(f"p_error={p}", [f"p_error={p}"], None) for p in P_ERROR_ARMS])
     table = format_rows(rows)
