@@ -333,7 +333,8 @@ def main(argv=None):
     env.update(prompt_length=args.prompt_length, guidance_scale=args.guidance_scale, repeats=repeats,
                compiled=args.compile)
     results = dict(env, results=pdm_rows + ar_rows)
-    write_outputs(results, markdown_table(env, pdm_rows + ar_rows, "Generation"), args.out, args.md)
+    title = "Generation, compiled (compile_generation)" if args.compile else "Generation"
+    write_outputs(results, markdown_table(env, pdm_rows + ar_rows, title), args.out, args.md)
     return results
 
 
