@@ -96,8 +96,9 @@ def stages_table(args):
 def train_arm(args, name, overrides):
     """Train one arm with train_pdm.py (same config and budget as every other arm); returns its pipeline folder."""
     output_dir = os.path.join(args.runs, re.sub(r"[^\w.=-]+", "_", name).strip("_"))
+    # `latest` resumes an arm that was interrupted (and starts one that has no checkpoint yet).
     command = [sys.executable, "training/train_pdm.py", "--config", args.config, "--max_steps", str(args.max_steps),
-               "--output_dir", output_dir, *overrides]
+               "--output_dir", output_dir, "--resume_from_checkpoint", "latest", *overrides]
     if not os.path.isdir(os.path.join(output_dir, "final")):
         subprocess.run(command, check=True)
     return os.path.join(output_dir, "final")
