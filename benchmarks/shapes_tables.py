@@ -1,7 +1,7 @@
 """The paper's tables 3-5 in miniature, on PDM-Shapes.
 
     # table 4: one trained pipeline, several stage counts (plus the VQ reconstructions as the ceiling)
-    python benchmarks/shapes_tables.py stages --model runs/pdm-shapes32/final --recogniser runs/recogniser32 \
+    python benchmarks/shapes_tables.py stages --model progressive_denoising/bundled/pdm-shapes --recogniser runs/recogniser32 \
         --data runs/shapes32 --stages 4,8,16,64 --out table4.json --md table4.md
 
     # tables 3 and 5: one training run per arm (same config and budget), each evaluated at the config's stages;

@@ -15,10 +15,14 @@ python training/train_vqvae.py --data runs/shapes32 --output runs/vq32 --resolut
 pdm tokenize --dataset runs/shapes32 --split train --vqvae runs/vq32 --output runs/shapes32-codes --batch_size 256 --overwrite
 # 4. the PDM (tokenizer + jointly trained T5 + decoder); writes a pipeline folder to runs/pdm-shapes32/final
 python training/train_pdm.py --config training/configs/shapes32_cpu.yaml
+# 4b. 2000 more steps from those weights (a second cosine cycle at half the learning rate)
+python training/train_pdm.py --config training/configs/shapes32_cpu.yaml model_name_or_path=runs/pdm-shapes32/final/model \
+    tokenizer=runs/pdm-shapes32/final/tokenizer text_config=null train_tokenizer=false max_steps=2000 \
+    learning_rate=5e-4 warmup_steps=100 output_dir=runs/pdm-shapes32-b
 # 5. the attribute recogniser used by `pdm evaluate`
 pdm evaluate --train-recogniser --out runs/recogniser32 --size 32 --num-scenes 20000 --steps 2500 --seed 0
 # 6. bundle
 rm -rf progressive_denoising/bundled/pdm-shapes
 mkdir -p progressive_denoising/bundled
-cp -r runs/pdm-shapes32/final progressive_denoising/bundled/pdm-shapes
+cp -r runs/pdm-shapes32-b/final progressive_denoising/bundled/pdm-shapes
 cp -r runs/recogniser32 progressive_denoising/bundled/pdm-shapes/recogniser
