@@ -26,3 +26,12 @@ rm -rf progressive_denoising/bundled/pdm-shapes
 mkdir -p progressive_denoising/bundled
 cp -r runs/pdm-shapes32-b/final progressive_denoising/bundled/pdm-shapes
 cp -r runs/recogniser32 progressive_denoising/bundled/pdm-shapes/recogniser
+# the package's own classes load the bundle: drop the remote-code copies that save_pretrained writes beside the weights
+rm progressive_denoising/bundled/pdm-shapes/model/*.py
+python - <<'PY'
+import json
+path = "progressive_denoising/bundled/pdm-shapes/model/config.json"
+config = json.load(open(path))
+config.pop("auto_map", None)
+json.dump(config, open(path, "w"), indent=2, sort_keys=True)
+PY
