@@ -34,14 +34,16 @@ ORDER_ARMS = ("raster", "random", "quant-error", "reverse-quant-error")  # plus 
 P_ERROR_ARMS = (0.0, 0.3, 0.5, 0.7, 1.0)
 
 
-def generate_images(pipe, captions, num_stages, seed, batch_size, guidance_scale, order=None):
-    """PIL images for `captions` (image i drawn with generator seed + i) and the seconds `generate` took."""
+def generate_images(pipe, captions, seed, batch_size, guidance_scale, **stage_kwargs):
+    """PIL images for `captions` (image i drawn with generator seed + i) and the seconds `generate` took.
+
+    `stage_kwargs` (`num_stages`, `order`) go to PDM's `generate`; the AR baseline takes none.
+    """
     images, seconds = [], 0.0
     for start in range(0, len(captions), batch_size):
         chunk = captions[start:start + batch_size]
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
         input_ids, attention_mask = pipe.encode_prompt(chunk)
-        stage_kwargs = {} if isinstance(pipe.model, PDMARForTextToImage) else dict(num_stages=num_stages, order=order)
         began = time.perf_counter()
         codes = pipe.model.generate(input_ids, attention_mask, guidance_scale=guidance_scale, generator=generators,
                                     **stage_kwargs)
@@ -83,7 +85,8 @@ def stages_table(args):
     num_tokens = pipe.model.config.num_image_tokens
     stage_counts = sorted({int(s) for s in args.stages.split(",")} | {num_tokens})
     for num_stages in stage_counts:
-        images, seconds = generate_images(pipe, captions, num_stages, args.seed, args.batch_size, args.guidance_scale)
+        images, seconds = generate_images(pipe, captions, args.seed, args.batch_size, args.guidance_scale,
+                                          num_stages=num_stages)
         rows[f"PDM T={num_stages}"] = dict(score(recogniser, images, captions, real_images, captions),
                                            seconds_per_image=seconds / len(captions), stages=num_stages)
     one_per_stage = rows[f"PDM T={num_tokens}"]["seconds_per_image"]
@@ -125,9 +128,13 @@ def arms_table(args, arms):
         if args.arms and not any(wanted in name for wanted in args.arms.split(",")):
             continue
         pipe = load_arm(train_arm(args, name, overrides), args.config).to(args.device)
-        autoregressive = isinstance(pipe.model, PDMARForTextToImage)
-        steps = pipe.model.config.num_image_tokens if autoregressive else pipe.model.config.num_stages
-        images, seconds = generate_images(pipe, captions, steps, args.seed, args.batch_size, args.guidance_scale, order)
+        if isinstance(pipe.model, PDMARForTextToImage):
+            steps, stage_kwargs = pipe.model.config.num_image_tokens, {}
+        else:
+            steps = pipe.model.config.num_stages
+            stage_kwargs = dict(num_stages=steps, order=order)
+        images, seconds = generate_images(pipe, captions, args.seed, args.batch_size, args.guidance_scale,
+                                          **stage_kwargs)
         rows[name] = dict(score(recogniser, images, captions, real_images, captions),
                           seconds_per_image=seconds / len(captions), stages=steps)
     return rows
