@@ -359,6 +359,63 @@ def scene_matches(found, prompt, image_size):
     return False
 
 
+ATTRIBUTE_SCORES = ("count", "colour", "shape", "size", "layout")
+
+
+def _pairings(num_wanted, num_found):
+    """Ways to pair the prompt's objects with the recognised ones: tuples (wanted index, found index)."""
+    if num_wanted == num_found == 2:
+        return [((0, 0), (1, 1)), ((0, 1), (1, 0))]
+    return [((w, f),) for w in range(num_wanted) for f in range(num_found)]
+
+
+def attribute_scores(found, prompt, image_size):
+    """Partial credit of one image, for models that do not yet follow whole prompts.
+
+    The prompt's objects are paired with the recognised ones in the way that matches the most attributes (an object
+    left without a partner misses everything). Returns ``{"count", "colour", "shape", "size", "layout"}`` in [0, 1]:
+    whether the object count is right; the share of the prompt's objects whose colour / shape / size is right;
+    whether the region or relation holds (0 when the count is wrong).
+    """
+    objects, wanted = found["objects"], prompt["objects"]
+
+    def matches(pairing):
+        return sum(objects[f][key] == wanted[w][key] for w, f in pairing for key in ("colour", "shape", "size"))
+
+    pairing = max(_pairings(len(wanted), len(objects)), key=matches)  # first of the best, deterministic
+    scores = {key: sum(objects[f][key] == wanted[w][key] for w, f in pairing) / len(wanted)
+              for key in ("colour", "shape", "size")}
+    scores["count"] = float(len(objects) == len(wanted))
+    if len(objects) != len(wanted):
+        scores["layout"] = 0.0
+    elif len(wanted) == 1:
+        scores["layout"] = float(prompt["region"] is None
+                                 or shapes.region_of(objects[0]["center"], image_size) == prompt["region"])
+    else:
+        first, second = (objects[f] for _, f in sorted(pairing))
+        scores["layout"] = float(shapes.relation_holds(prompt["relation"], first["center"], second["center"],
+                                                       image_size))
+    return scores
+
+
+def _recognise_prompts(recogniser, images, captions):
+    pixels = images_to_tensor(images)
+    if len(captions) != len(pixels):
+        raise ValueError(f"captions must have one entry per image: {len(captions)} captions, {len(pixels)} images")
+    prompts = [shapes.parse_caption(caption) for caption in captions]
+    return recognise(recogniser, pixels), prompts, pixels.shape[-1]
+
+
+def _alignment(found, prompts, image_size):
+    aligned = [scene_matches(f, p, image_size) for f, p in zip(found, prompts)]
+    return sum(aligned) / len(aligned), aligned
+
+
+def _mean_attribute_scores(found, prompts, image_size):
+    per_image = [attribute_scores(f, p, image_size) for f, p in zip(found, prompts)]
+    return {key: sum(s[key] for s in per_image) / len(per_image) for key in ATTRIBUTE_SCORES}
+
+
 def prompt_alignment(recogniser, images, captions):
     """Share of images whose recognised scene matches its caption.
 
@@ -370,13 +427,12 @@ def prompt_alignment(recogniser, images, captions):
     Returns:
         ``(score, aligned)``: score in [0, 1] and a list of N bools.
     """
-    pixels = images_to_tensor(images)
-    if len(captions) != len(pixels):
-        raise ValueError(f"captions must have one entry per image: {len(captions)} captions, {len(pixels)} images")
-    prompts = [shapes.parse_caption(caption) for caption in captions]
-    found = recognise(recogniser, pixels)
-    aligned = [scene_matches(f, p, pixels.shape[-1]) for f, p in zip(found, prompts)]
-    return sum(aligned) / len(aligned), aligned
+    return _alignment(*_recognise_prompts(recogniser, images, captions))
+
+
+def attribute_accuracy(recogniser, images, captions):
+    """``attribute_scores`` averaged over N images: ``{"count", "colour", "shape", "size", "layout"}`` in [0, 1]."""
+    return _mean_attribute_scores(*_recognise_prompts(recogniser, images, captions))
 
 
 # ------------------------------------------------------------------------------------------------------------ FID
@@ -488,17 +544,20 @@ def evaluate(recogniser, generated_images, captions, real_images, real_captions,
              inception_weights=None):
     """The evaluation table: rows "ground truth" (real images and their captions) and "generated".
 
-    Each row is ``{"images", "alignment", "alignment_held_out", "fid"}``; ``alignment_held_out`` is the alignment
-    on the prompts that contain a held-out (colour, shape) pair (None when there are none).
+    Each row is ``{"images", "alignment", "alignment_held_out", "count", "colour", "shape", "size", "layout", "fid"}``:
+    ``alignment_held_out`` is the alignment on the prompts that contain a held-out (colour, shape) pair (None when
+    there are none); the attribute columns are ``attribute_accuracy``'s partial credit.
     """
     rows = {}
     for name, images, texts in (("ground truth", real_images, real_captions), ("generated", generated_images, captions)):
-        score, aligned = prompt_alignment(recogniser, images, texts)
-        held = [a for a, t in zip(aligned, texts) if shapes.has_held_out_pair(shapes.parse_caption(t)["objects"])]
+        found, prompts, image_size = _recognise_prompts(recogniser, images, texts)
+        score, aligned = _alignment(found, prompts, image_size)
+        held = [a for a, p in zip(aligned, prompts) if shapes.has_held_out_pair(p["objects"])]
         rows[name] = {
             "images": len(aligned),
             "alignment": score,
             "alignment_held_out": sum(held) / len(held) if held else None,
+            **_mean_attribute_scores(found, prompts, image_size),
             "fid": fid(real_images, images, feature=feature, recogniser=recogniser, inception_weights=inception_weights),
         }
     return rows
@@ -506,10 +565,12 @@ def evaluate(recogniser, generated_images, captions, real_images, real_captions,
 
 def format_table(rows):
     """Markdown table of ``evaluate``'s rows."""
-    lines = ["| images | n | alignment | alignment (held-out pairs) | FID |", "|---|---|---|---|---|"]
+    lines = ["| images | n | alignment | alignment (held-out pairs) | colour | shape | size | layout | FID |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         held = "-" if row["alignment_held_out"] is None else f"{row['alignment_held_out']:.3f}"
-        lines.append(f"| {name} | {row['images']} | {row['alignment']:.3f} | {held} | {row['fid']:.3f} |")
+        attributes = " | ".join(f"{row[key]:.3f}" for key in ("colour", "shape", "size", "layout"))
+        lines.append(f"| {name} | {row['images']} | {row['alignment']:.3f} | {held} | {attributes} | {row['fid']:.3f} |")
     return "\n".join(lines)
 
 

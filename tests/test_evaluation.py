@@ -82,6 +82,36 @@ def test_scene_matching_rules():
     assert not evaluation.scene_matches(good, one, 32)
 
 
+def test_attribute_scores_give_partial_credit():
+    def obj(colour, shape, size, x, y):
+        return {"colour": colour, "shape": shape, "size": size, "center": [x, y]}
+
+    prompt = shapes.parse_caption("a small red circle left of a large blue square")
+    swapped = {"objects": [obj("blue", "square", "large", 25, 5), obj("red", "circle", "small", 5, 20)]}
+    assert evaluation.attribute_scores(swapped, prompt, 32) == dict(count=1.0, colour=1.0, shape=1.0, size=1.0,
+                                                                    layout=1.0)
+    # right colours and sizes, one wrong shape, objects on the wrong sides
+    wrong = {"objects": [obj("red", "square", "small", 25, 5), obj("blue", "square", "large", 5, 5)]}
+    assert evaluation.attribute_scores(wrong, prompt, 32) == dict(count=1.0, colour=1.0, shape=0.5, size=1.0,
+                                                                  layout=0.0)
+    # one object found for two: it is paired with the prompt object it matches best, the other misses everything
+    one = {"objects": [obj("blue", "square", "small", 5, 5)]}
+    assert evaluation.attribute_scores(one, prompt, 32) == dict(count=0.0, colour=0.5, shape=0.5, size=0.0,
+                                                                layout=0.0)
+    region = shapes.parse_caption("a small red circle in the bottom right")
+    assert evaluation.attribute_scores(one, region, 32) == dict(count=1.0, colour=0.0, shape=0.0, size=1.0,
+                                                                layout=0.0)
+
+
+def test_attribute_accuracy_on_real_and_recoloured_captions(recogniser, real):
+    right = evaluation.attribute_accuracy(recogniser, real["image"], real["caption"])
+    assert set(right) == set(evaluation.ATTRIBUTE_SCORES)
+    assert min(right.values()) >= 0.6, right
+    recoloured = evaluation.attribute_accuracy(recogniser, real["image"], [_swap_colours(c) for c in real["caption"]])
+    assert recoloured["colour"] <= 0.15, recoloured
+    assert recoloured["shape"] >= right["shape"] - 0.05 and recoloured["size"] >= right["size"] - 0.05, recoloured
+
+
 def test_save_and_load_give_the_same_predictions(recogniser, real, tmp_path):
     recogniser.save_pretrained(tmp_path / "rec")
     loaded = evaluation.ShapesRecogniser.from_pretrained(str(tmp_path / "rec"))
@@ -118,3 +148,4 @@ def test_evaluate_command_on_a_folder_and_a_dataset(recogniser, real, tmp_path):
         assert rows["generated"]["alignment"] == pytest.approx(rows["ground truth"]["alignment"])
         assert abs(rows["generated"]["fid"]) < 1e-3
         assert rows["ground truth"]["alignment_held_out"] is not None
+        assert rows["generated"]["colour"] == pytest.approx(rows["ground truth"]["colour"])
