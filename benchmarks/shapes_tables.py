@@ -5,15 +5,19 @@
         --data runs/shapes32 --stages 4,8,16,64 --out table4.json --md table4.md
 
     # tables 3 and 5: one training run per arm (same config and budget), each evaluated at the config's stages;
-    # table 3 also trains the autoregressive baseline (model_type=ar) and samples it with its KV cache
+    # table 3 also trains the autoregressive baseline (model_type=ar) and samples it with its KV cache, and the learned
+    # order: the quant-error arm followed by --policy_steps of policy-gradient training of its state head
     python benchmarks/shapes_tables.py orders  --config training/configs/shapes32_cpu.yaml --max_steps 3000 ...
     python benchmarks/shapes_tables.py p-error --config training/configs/shapes32_cpu.yaml --max_steps 3000 ...
 
-Every row reports prompt alignment (all prompts and the held-out (colour, shape) pairs), FID with the recogniser's
-features against the real test images, and seconds per image of `generate` (VQ decoding excluded) on this device.
+Every row reports prompt alignment (all prompts and the held-out (colour, shape) pairs), the attribute-level partial
+credit of `evaluation.attribute_accuracy` (share of objects with the right colour / shape / size, share of images
+whose region or relation holds), FID with the recogniser's features against the real test images, and seconds per
+image of `generate` (VQ decoding excluded) on this device.
 """
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -32,6 +36,9 @@ from progressive_denoising.vq import decode_codes, encode_to_codes, postprocess_
 
 ORDER_ARMS = ("raster", "random", "quant-error", "reverse-quant-error")  # plus the autoregressive baseline
 P_ERROR_ARMS = (0.0, 0.3, 0.5, 0.7, 1.0)
+# The learned arm: REINFORCE on the quant-error arm's state head. A larger step than train_policy's default (1e-5)
+# because the benchmark's policy budget is a few hundred steps.
+POLICY_OPTIONS = ("--batch_size", "16", "--learning_rate", "1e-4")
 
 
 def generate_images(pipe, captions, seed, batch_size, guidance_scale, **stage_kwargs):
@@ -65,7 +72,7 @@ def vq_reconstructions(pipe, real_images, batch_size):
 
 def score(recogniser, images, captions, real_images, real_captions):
     row = evaluation.evaluate(recogniser, images, captions, real_images, real_captions)["generated"]
-    return {k: row[k] for k in ("images", "alignment", "alignment_held_out", "fid")}
+    return {k: row[k] for k in ("images", "alignment", "alignment_held_out", *evaluation.ATTRIBUTE_SCORES, "fid")}
 
 
 def load_test(data, num_prompts):
@@ -107,6 +114,19 @@ def train_arm(args, name, overrides):
     return os.path.join(output_dir, "final")
 
 
+def train_learned_arm(args, fixed_order_folder):
+    """Table 3's `learned` arm: a fixed-order arm whose state head is then trained as a policy (train_policy.py)."""
+    output_dir = os.path.join(args.runs, "order=learned")
+    with open(args.config) as f:
+        dataset = yaml.safe_load(f)["dataset"]
+    command = [sys.executable, "training/train_policy.py", "--model_name_or_path", fixed_order_folder,
+               "--dataset", dataset, "--max_steps", str(args.policy_steps), "--output_dir", output_dir,
+               *POLICY_OPTIONS]
+    if not os.path.isdir(os.path.join(output_dir, "final")):
+        subprocess.run(command, check=True)
+    return os.path.join(output_dir, "final")
+
+
 def load_arm(folder, config):
     """A pipeline folder (PDM arms), or the AR baseline's model + tokenizer with the config's VQ model."""
     if os.path.isdir(os.path.join(folder, "model")):
@@ -124,10 +144,10 @@ def arms_table(args, arms):
     recogniser = evaluation.ShapesRecogniser.from_pretrained(args.recogniser, device=args.device)
     real_images, captions = load_test(args.data, args.num_prompts)
     rows = {}
-    for name, overrides, order in arms:
+    for name, train, order in arms:
         if args.arms and not any(wanted in name for wanted in args.arms.split(",")):
             continue
-        pipe = load_arm(train_arm(args, name, overrides), args.config).to(args.device)
+        pipe = load_arm(train(), args.config).to(args.device)
         if isinstance(pipe.model, PDMARForTextToImage):
             steps, stage_kwargs = pipe.model.config.num_image_tokens, {}
         else:
@@ -141,13 +161,16 @@ def arms_table(args, arms):
 
 
 def format_rows(rows):
-    lines = ["| row | images | alignment | alignment (held-out pairs) | FID | stages | s / image | speed-up vs T = L |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    columns = [("images", "images", "d"), ("alignment", "alignment", ".3f"),
+               ("alignment (held-out pairs)", "alignment_held_out", ".3f"), ("colour", "colour", ".2f"),
+               ("shape", "shape", ".2f"), ("size", "size", ".2f"), ("layout", "layout", ".2f"), ("FID", "fid", ".0f"),
+               ("stages", "stages", "d"), ("s / image", "seconds_per_image", ".4f"),
+               ("speed-up vs T = L", "speed_up", ".1f")]
+    lines = ["| row | " + " | ".join(title for title, _, _ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
     for name, row in rows.items():
-        cell = lambda key, fmt: "-" if row.get(key) is None else format(row[key], fmt)  # noqa: E731
-        lines.append(f"| {name} | {row['images']} | {cell('alignment', '.3f')} | {cell('alignment_held_out', '.3f')} "
-                     f"| {cell('fid', '.2f')} | {cell('stages', 'd')} | {cell('seconds_per_image', '.4f')} "
-                     f"| {cell('speed_up', '.1f')} |")
+        cells = ["-" if row.get(key) is None else format(row[key], fmt) for _, key, fmt in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -158,6 +181,8 @@ def parse_args(argv=None):
     parser.add_argument("--config", help="orders / p-error: the training config every arm shares")
     parser.add_argument("--max_steps", type=int, default=3000, help="orders / p-error: training budget of every arm")
     parser.add_argument("--runs", default="runs/tables", help="orders / p-error: where the arms are trained")
+    parser.add_argument("--policy_steps", type=int, default=300,
+                        help="orders: policy-gradient steps of the learned arm (after the quant-error arm's training)")
     parser.add_argument("--arms", default="", help="orders / p-error: only the arms whose name contains one of these")
     parser.add_argument("--recogniser", required=True)
     parser.add_argument("--data", required=True, help="PDM-Shapes folder (its test split is used)")
@@ -182,10 +207,17 @@ def main(argv=None):
     if args.table == "stages":
         rows = stages_table(args)
     elif args.table == "orders":
-        arms = [(f"order={o}", [f"order={o}"], o) for o in ORDER_ARMS]
-        rows = arms_table(args, arms + [("autoregressive (KV cache)", ["model_type=ar"], None)])
+        # (row name, function that trains the arm and returns its folder, order passed to generate)
+        arms = [(f"order={o}", functools.partial(train_arm, args, f"order={o}", [f"order={o}"]), o)
+                for o in ORDER_ARMS]
+        quant_error = functools.partial(train_arm, args, "order=quant-error", ["order=quant-error"])
+        arms.append(("order=learned", lambda: train_learned_arm(args, quant_error()), "learned"))
+        arms.append(("autoregressive (KV cache)",
+                     functools.partial(train_arm, args, "autoregressive (KV cache)", ["model_type=ar"]), None))
+        rows = arms_table(args, arms)
     else:
-        rows = arms_table(args, [(f"p_error={p}", [f"p_error={p}"], None) for p in P_ERROR_ARMS])
+        rows = arms_table(args, [(f"p_error={p}", functools.partial(train_arm, args, f"p_error={p}", [f"p_error={p}"]),
+                                  None) for p in P_ERROR_ARMS])
     table = format_rows(rows)
     print(table)
     if args.out:
