@@ -100,8 +100,10 @@ class PDMPipeline:
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "PDMPipeline":
         """Move (and cast) the model and the VQ model, like `DiffusionPipeline.to`."""
-        self.model.to(device=device, dtype=dtype)
-        self.vqvae.to(device=device, dtype=dtype)
+        # diffusers warns about float32 modules whenever `dtype` is passed, even as None: pass it only when given.
+        cast = {} if dtype is None else {"dtype": dtype}
+        self.model.to(device=device, **cast)
+        self.vqvae.to(device=device, **cast)
         return self
 
     @property
