@@ -70,11 +70,6 @@ def vq_reconstructions(pipe, real_images, batch_size):
     return out
 
 
-def score(recogniser, images, captions, real_images, real_captions):
-    row = evaluation.evaluate(recogniser, images, captions, real_images, real_captions)["generated"]
-    return {k: row[k] for k in ("images", "alignment", "alignment_held_out", *evaluation.ATTRIBUTE_SCORES, "fid")}
-
-
 def load_test(data, num_prompts):
     real = evaluation.load_split(data, "test")
     real = real.select(range(min(num_prompts, len(real))))
@@ -86,15 +81,15 @@ def stages_table(args):
     pipe = PDMPipeline.from_pretrained(args.model).to(args.device)
     recogniser = evaluation.ShapesRecogniser.from_pretrained(args.recogniser, device=args.device)
     real_images, captions = load_test(args.data, args.num_prompts)
-    rows = {"ground truth": score(recogniser, real_images, captions, real_images, captions)}
-    rows["VQ reconstruction"] = score(recogniser, vq_reconstructions(pipe, real_images, args.batch_size), captions,
-                                      real_images, captions)
+    rows = {"ground truth": evaluation.evaluate_images(recogniser, real_images, captions, real_images)}
+    rows["VQ reconstruction"] = evaluation.evaluate_images(
+        recogniser, vq_reconstructions(pipe, real_images, args.batch_size), captions, real_images)
     num_tokens = pipe.model.config.num_image_tokens
     stage_counts = sorted({int(s) for s in args.stages.split(",")} | {num_tokens})
     for num_stages in stage_counts:
         images, seconds = generate_images(pipe, captions, args.seed, args.batch_size, args.guidance_scale,
                                           num_stages=num_stages)
-        rows[f"PDM T={num_stages}"] = dict(score(recogniser, images, captions, real_images, captions),
+        rows[f"PDM T={num_stages}"] = dict(evaluation.evaluate_images(recogniser, images, captions, real_images),
                                            seconds_per_image=seconds / len(captions), stages=num_stages)
     one_per_stage = rows[f"PDM T={num_tokens}"]["seconds_per_image"]
     for row in rows.values():
@@ -103,15 +98,21 @@ def stages_table(args):
     return rows
 
 
+def run_unless_done(command, output_dir):
+    """Run a training command unless `output_dir` already holds its `final/` folder; returns that folder."""
+    final = os.path.join(output_dir, "final")
+    if not os.path.isdir(final):
+        subprocess.run(command, check=True)
+    return final
+
+
 def train_arm(args, name, overrides):
     """Train one arm with train_pdm.py (same config and budget as every other arm); returns its pipeline folder."""
     output_dir = os.path.join(args.runs, re.sub(r"[^\w.=-]+", "_", name).strip("_"))
     # `latest` resumes an arm that was interrupted (and starts one that has no checkpoint yet).
-    command = [sys.executable, "training/train_pdm.py", "--config", args.config, "--max_steps", str(args.max_steps),
-               "--output_dir", output_dir, "--resume_from_checkpoint", "latest", *overrides]
-    if not os.path.isdir(os.path.join(output_dir, "final")):
-        subprocess.run(command, check=True)
-    return os.path.join(output_dir, "final")
+    return run_unless_done([sys.executable, "training/train_pdm.py", "--config", args.config, "--max_steps",
+                            str(args.max_steps), "--output_dir", output_dir, "--resume_from_checkpoint", "latest",
+                            *overrides], output_dir)
 
 
 def train_learned_arm(args, fixed_order_folder):
@@ -119,12 +120,9 @@ def train_learned_arm(args, fixed_order_folder):
     output_dir = os.path.join(args.runs, "order=learned")
     with open(args.config) as f:
         dataset = yaml.safe_load(f)["dataset"]
-    command = [sys.executable, "training/train_policy.py", "--model_name_or_path", fixed_order_folder,
-               "--dataset", dataset, "--max_steps", str(args.policy_steps), "--output_dir", output_dir,
-               *POLICY_OPTIONS]
-    if not os.path.isdir(os.path.join(output_dir, "final")):
-        subprocess.run(command, check=True)
-    return os.path.join(output_dir, "final")
+    return run_unless_done([sys.executable, "training/train_policy.py", "--model_name_or_path", fixed_order_folder,
+                            "--dataset", dataset, "--max_steps", str(args.policy_steps), "--output_dir", output_dir,
+                            *POLICY_OPTIONS], output_dir)
 
 
 def load_arm(folder, config):
@@ -155,7 +153,7 @@ def arms_table(args, arms):
             stage_kwargs = dict(num_stages=steps, order=order)
         images, seconds = generate_images(pipe, captions, args.seed, args.batch_size, args.guidance_scale,
                                           **stage_kwargs)
-        rows[name] = dict(score(recogniser, images, captions, real_images, captions),
+        rows[name] = dict(evaluation.evaluate_images(recogniser, images, captions, real_images),
                           seconds_per_image=seconds / len(captions), stages=steps)
     return rows
 

@@ -540,27 +540,32 @@ def load_split(path, split):
     return data
 
 
-def evaluate(recogniser, generated_images, captions, real_images, real_captions, feature="recogniser",
-             inception_weights=None):
-    """The evaluation table: rows "ground truth" (real images and their captions) and "generated".
+def evaluate_images(recogniser, images, captions, real_images, feature="recogniser", inception_weights=None):
+    """One row of the evaluation table for N images drawn for N captions, against the real images.
 
-    Each row is ``{"images", "alignment", "alignment_held_out", "count", "colour", "shape", "size", "layout", "fid"}``:
+    Returns ``{"images", "alignment", "alignment_held_out", "count", "colour", "shape", "size", "layout", "fid"}``:
     ``alignment_held_out`` is the alignment on the prompts that contain a held-out (colour, shape) pair (None when
     there are none); the attribute columns are ``attribute_accuracy``'s partial credit.
     """
-    rows = {}
-    for name, images, texts in (("ground truth", real_images, real_captions), ("generated", generated_images, captions)):
-        found, prompts, image_size = _recognise_prompts(recogniser, images, texts)
-        score, aligned = _alignment(found, prompts, image_size)
-        held = [a for a, p in zip(aligned, prompts) if shapes.has_held_out_pair(p["objects"])]
-        rows[name] = {
-            "images": len(aligned),
-            "alignment": score,
-            "alignment_held_out": sum(held) / len(held) if held else None,
-            **_mean_attribute_scores(found, prompts, image_size),
-            "fid": fid(real_images, images, feature=feature, recogniser=recogniser, inception_weights=inception_weights),
-        }
-    return rows
+    found, prompts, image_size = _recognise_prompts(recogniser, images, captions)
+    score, aligned = _alignment(found, prompts, image_size)
+    held = [a for a, p in zip(aligned, prompts) if shapes.has_held_out_pair(p["objects"])]
+    return {
+        "images": len(aligned),
+        "alignment": score,
+        "alignment_held_out": sum(held) / len(held) if held else None,
+        **_mean_attribute_scores(found, prompts, image_size),
+        "fid": fid(real_images, images, feature=feature, recogniser=recogniser, inception_weights=inception_weights),
+    }
+
+
+def evaluate(recogniser, generated_images, captions, real_images, real_captions, feature="recogniser",
+             inception_weights=None):
+    """The evaluation table: ``evaluate_images`` rows "ground truth" (real images and their captions) and
+    "generated"."""
+    return {name: evaluate_images(recogniser, images, texts, real_images, feature, inception_weights)
+            for name, images, texts in (("ground truth", real_images, real_captions),
+                                        ("generated", generated_images, captions))}
 
 
 def format_table(rows):
