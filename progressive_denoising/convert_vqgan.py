@@ -11,7 +11,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import os
 import pickle
 import sys
@@ -313,30 +312,11 @@ def convert_taming_vqgan(checkpoint_path: str, config_path: str):
     return vqmodel_from_taming_state_dict(state_dict, ddconfig, n_embed, embed_dim)
 
 
-def _parse_args(argv, prog):
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="taming VQGAN checkpoint (.ckpt, .pt or .safetensors)")
-    parser.add_argument("--config", required=True, help="taming YAML config (model.params.ddconfig, ...)")
-    parser.add_argument("--output", required=True, help="folder for VQModel.save_pretrained (safetensors)")
-    parser.add_argument(
-        "--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="dtype of the saved weights"
-    )
-    return parser.parse_args(argv)
-
-
 def main(argv=None, prog=None) -> int:
-    """Command line entry point; returns 0 on success."""
-    args = _parse_args(argv, prog)
-    model = convert_taming_vqgan(args.checkpoint, args.config)
-    model = model.to(getattr(torch, args.dtype))
-    model.save_pretrained(args.output, safe_serialization=True)
-    config = model.config
-    factor = 2 ** (len(config.block_out_channels) - 1)
-    print(
-        f"saved VQModel to {args.output}: f{factor}, {config.num_vq_embeddings} codes of dim {config.vq_embed_dim}, "
-        f"{config.sample_size}px -> {config.sample_size // factor}x{config.sample_size // factor} tokens"
-    )
-    return 0
+    """`pdm convert-vqgan`; the command line lives in `progressive_denoising.commands.convert_vqgan`."""
+    from .commands.convert_vqgan import main as command_main
+
+    return command_main(argv, prog=prog or "pdm convert-vqgan")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ centres, by the same rules as the generator (``shapes.region_of`` and ``shapes.r
 Inception features when the user has the Inception weights on disk (nothing is downloaded).
 """
 
-import argparse
 import json
 import math
 import os
@@ -497,7 +496,7 @@ def fid(real_images, fake_images, feature="recogniser", recogniser=None, incepti
     return float(metric.compute())
 
 
-# ----------------------------------------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------------------------- reading images
 
 
 def load_generated(path, split="test"):
@@ -514,8 +513,11 @@ def load_generated(path, split="test"):
             for line_number, line in enumerate(handle, 1):
                 if not line.strip():
                     continue
-                record = json.loads(line)
-                name = record.get("file_name", record.get("file"))
+                try:
+                    record = json.loads(line)
+                except ValueError as error:
+                    raise ValueError(f"{captions_path}:{line_number} is not a JSON object ({error})") from error
+                name = record.get("file_name", record.get("file")) if isinstance(record, dict) else None
                 if name is None or "caption" not in record:
                     raise ValueError(f"{captions_path}:{line_number} needs 'file_name' and 'caption'")
                 with Image.open(os.path.join(path, name)) as image:
@@ -579,61 +581,8 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def _parser(prog):
-    parser = argparse.ArgumentParser(prog=prog, description="Measure prompt alignment and FID of generated "
-                                     "PDM-Shapes images, or train the attribute recogniser.")
-    parser.add_argument("--train-recogniser", action="store_true", help="train and save a recogniser instead")
-    parser.add_argument("--data", help="PDM-Shapes save_to_disk folder (real images)")
-    parser.add_argument("--out", help="with --train-recogniser: folder to save the recogniser in")
-    parser.add_argument("--steps", type=int, default=3000, help="with --train-recogniser: optimiser steps")
-    parser.add_argument("--num-scenes", type=int, default=20000,
-                        help="with --train-recogniser: number of renders (all 24 colour-shape pairs) to train on")
-    parser.add_argument("--size", type=int, default=None,
-                        help="with --train-recogniser: image side; default: that of --data, else 64")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--images", help="generated images: folder with captions.jsonl, or a save_to_disk data set")
-    parser.add_argument("--recogniser", help="folder of a saved recogniser")
-    parser.add_argument("--split", default="test", help="split of --data (and of --images if a DatasetDict)")
-    parser.add_argument("--feature", default="recogniser", choices=("recogniser", "inception"), help="FID features")
-    parser.add_argument("--inception-weights", help="local torch-fidelity Inception weights (for --feature inception)")
-    parser.add_argument("--json", help="also write the results as JSON to this file")
-    return parser
-
-
-def _train_main(args, parser):
-    if not args.out:
-        parser.error("--train-recogniser needs --out")
-    check = load_split(args.data, args.split) if args.data else None
-    size = args.size or (check[0]["image"].width if check is not None else 64)
-    train = recogniser_training_data(args.num_scenes, args.seed, size)
-    model = train_recogniser(train, args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                             device=args.device, log_every=max(args.steps // 20, 1))
-    model.save_pretrained(args.out)
-    print(f"saved recogniser to {args.out}")
-    if check is not None:
-        score, _ = prompt_alignment(model, check["image"], check["caption"])
-        print(f"alignment on real {args.split} images of {args.data}: {score:.4f}")
-    return 0
-
-
 def main(argv=None, prog=None):
-    """`pdm evaluate`: see ``--help``. Prints a Markdown table; ``--json`` also writes it as JSON."""
-    parser = _parser(prog)
-    args = parser.parse_args(argv)
-    if args.train_recogniser:
-        return _train_main(args, parser)
-    if not args.images or not args.recogniser or not args.data:
-        parser.error("evaluation needs --images, --recogniser and --data")
-    recogniser = ShapesRecogniser.from_pretrained(args.recogniser, device=args.device)
-    images, captions = load_generated(args.images, args.split)
-    real = load_split(args.data, args.split)
-    rows = evaluate(recogniser, images, captions, real["image"], real["caption"], feature=args.feature,
-                    inception_weights=args.inception_weights)
-    print(format_table(rows))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(rows, handle, indent=2)
-    return 0
+    """`pdm evaluate`; the command line lives in `progressive_denoising.commands.evaluate`."""
+    from .commands.evaluate import main as command_main
+
+    return command_main(argv, prog=prog or "pdm evaluate")

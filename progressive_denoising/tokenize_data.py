@@ -19,7 +19,6 @@ OUTPUT must be on a file system they share.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -27,32 +26,6 @@ import shutil
 import sys
 
 REPORT_NAME = "pdm_tokenization.json"
-
-
-def _parse_args(argv, prog):
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", required=True,
-                        help="Hub id, local folder (imagefolder/parquet/save_to_disk) or parquet file(s)")
-    parser.add_argument("--dataset_config", default=None, help="configuration name of a Hub data set")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--caption_column", default="caption")
-    parser.add_argument("--vqvae", required=True, help="folder (or Hub id) of a diffusers VQModel")
-    parser.add_argument("--vqvae_subfolder", default=None, help="e.g. `vqvae` inside a pipeline folder")
-    parser.add_argument("--output", required=True, help="folder for Dataset.save_to_disk")
-    parser.add_argument("--resolution", type=int, default=None, help="default: the VQ model's sample_size")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--max_examples", type=int, default=None, help="use only the first N examples")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
-                        help="dtype of the VQ encoder (distances are always computed in float32)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
-    parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="also push the result to the Hub")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error("--batch_size must be >= 1")
-    if args.max_examples is not None and args.max_examples < 0:
-        parser.error("--max_examples must be >= 0")
-    return args
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -204,14 +177,7 @@ def _load_vqvae(args, device):
     return vqvae.to(device).eval()
 
 
-def _prepare_output(output: str, overwrite: bool) -> None:
-    if os.path.exists(output) and os.listdir(output):
-        if not overwrite:
-            raise FileExistsError(f"{output} exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(output)
-
-
-def _write_report(args, resolution, grid, codebook, num_examples, skipped) -> str:
+def _write_report(folder, args, resolution, grid, codebook, num_examples, skipped) -> str:
     report = {
         "vqvae": args.vqvae if not args.vqvae_subfolder else os.path.join(args.vqvae, args.vqvae_subfolder),
         "dataset": args.dataset,
@@ -223,7 +189,7 @@ def _write_report(args, resolution, grid, codebook, num_examples, skipped) -> st
         "num_skipped": len(skipped),
         "skipped": sorted(skipped, key=lambda item: item["index"]),
     }
-    path = os.path.join(args.output, REPORT_NAME)
+    path = os.path.join(folder, REPORT_NAME)
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
     return path
@@ -249,6 +215,7 @@ def tokenize(args) -> dict:
     import datasets
     from accelerate import Accelerator
 
+    from .commands.files import atomic_output
     from .vq import codebook_size, vq_grid
 
     accelerator = Accelerator()
@@ -266,8 +233,6 @@ def tokenize(args) -> dict:
         source = source.select(range(min(args.max_examples, len(source))))
     features = output_features(source.features, args.image_column, args.caption_column, grid[0] * grid[1])
 
-    if accelerator.is_main_process:
-        _prepare_output(args.output, args.overwrite)
     work_dir = os.path.abspath(args.output).rstrip(os.sep) + ".pdm_shards"
     os.makedirs(work_dir, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -285,9 +250,12 @@ def tokenize(args) -> dict:
     report_path = None
     if accelerator.is_main_process:
         result, skipped = _gather(work_dir, world_size, features)
-        # An empty data set must be saved as one (empty) shard, or load_from_disk cannot read it back.
-        result.save_to_disk(args.output, num_shards=1 if len(result) == 0 else None)
-        report_path = _write_report(args, resolution, grid, codebook_size(vqvae), len(result), skipped)
+        # Written beside --output and renamed into place once complete (replacing an old --output only then).
+        with atomic_output(args.output, folder=True) as temporary:
+            # An empty data set must be saved as one (empty) shard, or load_from_disk cannot read it back.
+            result.save_to_disk(temporary, num_shards=1 if len(result) == 0 else None)
+            _write_report(temporary, args, resolution, grid, codebook_size(vqvae), len(result), skipped)
+        report_path = os.path.join(args.output, REPORT_NAME)
         if args.push_to_hub:
             result.push_to_hub(args.push_to_hub)
         del result
@@ -301,9 +269,10 @@ def tokenize(args) -> dict:
 
 
 def main(argv=None, prog=None) -> int:
-    """Command line entry point; returns 0 on success."""
-    tokenize(_parse_args(argv, prog))
-    return 0
+    """`pdm tokenize`; the command line lives in `progressive_denoising.commands.tokenize`."""
+    from .commands.tokenize import main as command_main
+
+    return command_main(argv, prog=prog or "pdm tokenize")
 
 
 if __name__ == "__main__":

@@ -142,7 +142,8 @@ def test_evaluate_command_on_a_folder_and_a_dataset(recogniser, real, tmp_path):
     common = ["--recogniser", str(tmp_path / "rec"), "--data", str(tmp_path / "data"), "--split", "test"]
     for images in (str(folder), str(tmp_path / "data")):
         out = tmp_path / "result.json"
-        assert evaluation.main(["--images", images, *common, "--json", str(out)], prog="pdm evaluate") == 0
+        arguments = ["--images", images, *common, "--json", str(out), "--overwrite"]
+        assert evaluation.main(arguments, prog="pdm evaluate") == 0
         rows = json.loads(out.read_text())
         assert set(rows) == {"ground truth", "generated"}
         assert rows["generated"]["alignment"] == pytest.approx(rows["ground truth"]["alignment"])
