@@ -1,6 +1,6 @@
 """Configuration of the Progressive Denoising Model (PDM)."""
 
-from transformers import PretrainedConfig, T5Config
+from transformers import AutoConfig, PretrainedConfig, T5Config
 
 # The state head predicts one of three classes per position. The paper writes the states as 0 (keep),
 # 1 (generate) and -1 (replace); class indices must be non-negative, so "replace" is class 2.
@@ -11,6 +11,8 @@ STATE_NAMES = ("keep", "generate", "replace")
 # `raster` and `random` are fixed rules.
 ORDERS = ("raster", "random", "quant-error", "reverse-quant-error", "learned")
 FIXED_ORDERS = ("raster", "random")
+# Where the token loss of a training tuple applies: the paper's stage group (Z^t != 0), or every masked position.
+TOKEN_LOSS_POSITIONS = ("stage", "masked")
 
 
 class PDMConfig(PretrainedConfig):
@@ -34,6 +36,9 @@ class PDMConfig(PretrainedConfig):
         training_order (`str`, defaults to `"quant-error"`): the order the state head was trained on, one of
             `raster`, `random`, `quant-error`, `reverse-quant-error`, `learned`.
         freeze_text_encoder (`bool`, defaults to `True`): the paper keeps the text encoder frozen.
+        token_loss_positions (`str`, defaults to `"stage"`): where the token loss applied in training, `stage`
+            (the paper's rule: the stage-t group and pseudo errors) or `masked` (every masked position and pseudo
+            errors); a record of how the model was trained, used by the training script.
         hidden_dropout (`float`), attention_dropout (`float`): dropout rates of the decoder.
         layer_norm_eps (`float`), initializer_range (`float`): as in other transformers models.
     """
@@ -54,6 +59,7 @@ class PDMConfig(PretrainedConfig):
         num_stages=64,
         training_order="quant-error",
         freeze_text_encoder=True,
+        token_loss_positions="stage",
         hidden_dropout=0.0,
         attention_dropout=0.0,
         layer_norm_eps=1e-6,
@@ -75,12 +81,21 @@ class PDMConfig(PretrainedConfig):
         self.num_stages = num_stages
         self.training_order = training_order
         self.freeze_text_encoder = freeze_text_encoder
+        self.token_loss_positions = token_loss_positions
         self.hidden_dropout = hidden_dropout
         self.attention_dropout = attention_dropout
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
         self._check()
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # `from_pretrained(path, num_stages=...)` sets such keyword arguments after `__init__`, past its checks.
+        output = super().from_dict(config_dict, **kwargs)
+        config = output[0] if isinstance(output, tuple) else output  # (config, unused kwargs) with return_unused_kwargs
+        config._check()
+        return output
 
     @property
     def num_image_tokens(self) -> int:
@@ -112,6 +127,10 @@ class PDMConfig(PretrainedConfig):
             )
         if self.training_order not in ORDERS:
             raise ValueError(f"PDMConfig.training_order must be one of {ORDERS}, got {self.training_order!r}")
+        if self.token_loss_positions not in TOKEN_LOSS_POSITIONS:
+            raise ValueError(
+                f"PDMConfig.token_loss_positions must be one of {TOKEN_LOSS_POSITIONS}, got {self.token_loss_positions!r}"
+            )
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"PDMConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
@@ -132,3 +151,12 @@ class PDMARConfig(PDMConfig):
 
     def __init__(self, **kwargs):  # explicit: transformers would otherwise derive one that skips PDMConfig's
         super().__init__(**kwargs)
+
+
+# Register with the Auto classes when imported as part of the package. A copy saved beside a model and loaded with
+# `trust_remote_code` is registered by transformers itself, and must not take the package's place for "pdm".
+if __name__.startswith("progressive_denoising."):
+    AutoConfig.register(PDMConfig.model_type, PDMConfig, exist_ok=True)
+    AutoConfig.register(PDMARConfig.model_type, PDMARConfig, exist_ok=True)
+    PDMConfig.register_for_auto_class()  # saved configs get an `auto_map` (see modeling_pdm.py)
+    PDMARConfig.register_for_auto_class()

@@ -21,7 +21,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import T5EncoderModel
+from transformers import AutoModel, T5EncoderModel
 
 from .configuration_pdm import PDMARConfig
 from .modeling_pdm import (
@@ -40,17 +40,11 @@ from .ordering import IGNORE_INDEX, Generators
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _attend(attn: PDMAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **sdpa_kwargs) -> torch.Tensor:
-    """Output projection of SDPA over (batch, heads, *, head_dim) query / key / value -> (batch, Q, hidden)."""
-    out = F.scaled_dot_product_attention(query, key, value, **sdpa_kwargs)
-    return attn.o_proj(out.transpose(1, 2).flatten(2))
-
-
 def causal_self_attention(attn: PDMAttention, hidden_states: torch.Tensor) -> torch.Tensor:
     """(batch, L, hidden) -> (batch, L, hidden): position i attends to positions <= i."""
     query = attn._split_heads(attn.q_proj(hidden_states))
     key, value = attn.project_key_value(hidden_states)
-    return _attend(attn, query, key, value, is_causal=True, dropout_p=attn.dropout if attn.training else 0.0)
+    return attn.attend(query, key, value, is_causal=True)
 
 
 def cached_self_attention(
@@ -74,7 +68,7 @@ def cached_self_attention(
     # In-place writes at a tensor index keep every shape and address fixed from step to step (CUDA-graph friendly).
     key_cache.index_copy_(2, step, key)
     value_cache.index_copy_(2, step, value)
-    return _attend(attn, query, key_cache, value_cache, attn_mask=filled[None, None, None, :])
+    return attn.attend(query, key_cache, value_cache, attention_mask=filled[None, None, None, :])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -106,8 +100,7 @@ class PDMARForTextToImage(PDMPreTrainedModel):
         self.decoder = PDMDecoder(config)
         self.token_head = nn.Linear(config.hidden_size, config.codebook_size)
         self.post_init()
-        if config.freeze_text_encoder:
-            self.text_encoder.requires_grad_(False)
+        self._freeze_text_encoder()
 
     @property
     def bos_token_id(self) -> int:
@@ -272,3 +265,9 @@ class PDMARForTextToImage(PDMPreTrainedModel):
             tokens = torch.cat([sampled, sampled]) if use_guidance else sampled
             step += 1
         return codes
+
+
+# Register with the Auto classes when imported as part of the package (see modeling_pdm.py).
+if __name__.startswith("progressive_denoising."):
+    AutoModel.register(PDMARConfig, PDMARForTextToImage, exist_ok=True)
+    PDMARForTextToImage.register_for_auto_class("AutoModel")

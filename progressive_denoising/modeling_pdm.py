@@ -5,14 +5,18 @@ Read top to bottom: building blocks (attention, decoder layer, decoder), the pre
 `PDMForTextToImage` with its output dataclasses, `forward` and `generate`.
 """
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel, T5EncoderModel
-from transformers.utils import ModelOutput
+from transformers import AutoModel, PreTrainedModel, T5EncoderModel
+from transformers import initialization as init
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, logging
 
 from .configuration_pdm import ORDERS, STATE_GENERATE, STATE_KEEP, STATE_REPLACE, PDMConfig
 from .ordering import (
@@ -25,28 +29,69 @@ from .ordering import (
     scores_to_ranks,
 )
 
+logger = logging.get_logger(__name__)
+
 # ---------------------------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scaling: float,
+    dropout: float = 0.0,
+    is_causal: bool = False,
+    **kwargs,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention written out (`attn_implementation="eager"`), with the arguments of transformers' `AttentionInterface`.
+
+    Args:
+        query: (batch, heads, Q, head_dim); key, value: (batch, heads, S, head_dim).
+        attention_mask: boolean, broadcastable to (batch, heads, Q, S), True where a key may be attended to.
+        is_causal: query i attends to keys 0..i only (the autoregressive baseline's training pass, Q = S).
+
+    Returns:
+        The output (batch, Q, heads, head_dim) and the attention weights (batch, heads, Q, S).
+    """
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if is_causal:
+        causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+        attention_mask = causal if attention_mask is None else attention_mask & causal
+    if attention_mask is not None:
+        attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
 class PDMAttention(nn.Module):
-    """Multi-head attention through `scaled_dot_product_attention`, for self- and cross-attention.
+    """Multi-head attention for self- and cross-attention, through `config._attn_implementation` (`"sdpa"`, the
+    default, or `"eager"`).
 
     Queries come from `hidden_states` (batch, L, hidden); keys and values from `key_value_states`
     (batch, S, kv_dim) or from precomputed `(key, value)`, each (batch, heads, S, head_dim).
     `attention_mask` is a boolean (batch, S) mask, True where a key may be attended to.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, kv_dim: int, dropout: float):
+    def __init__(self, config: PDMConfig, kv_dim: int):
         super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = hidden_size // num_heads
-        self.dropout = dropout
-        self.q_proj = nn.Linear(hidden_size, hidden_size)
-        self.k_proj = nn.Linear(kv_dim, hidden_size)
-        self.v_proj = nn.Linear(kv_dim, hidden_size)
-        self.o_proj = nn.Linear(hidden_size, hidden_size)
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        # Bidirectional: SDPA would otherwise treat an unmasked self-attention as causal. The autoregressive baseline
+        # asks for causal attention per call (`attend(..., is_causal=True)`).
+        self.is_causal = False
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(kv_dim, config.hidden_size)
+        self.v_proj = nn.Linear(kv_dim, config.hidden_size)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
@@ -54,16 +99,25 @@ class PDMAttention(nn.Module):
     def project_key_value(self, key_value_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return self._split_heads(self.k_proj(key_value_states)), self._split_heads(self.v_proj(key_value_states))
 
+    def attend(self, query, key, value, attention_mask=None, is_causal=False) -> torch.Tensor:
+        """(batch, Q, hidden): the output projection of attention of `query` (batch, heads, Q, head_dim) over `key`
+        and `value` (batch, heads, S, head_dim); `attention_mask` boolean, broadcastable to (batch, heads, Q, S)."""
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, _ = attention_interface(
+            self, query, key, value, attention_mask, dropout=self.dropout if self.training else 0.0,
+            scaling=self.scaling, is_causal=is_causal,
+        )
+        return self.o_proj(attn_output.flatten(2))
+
     def forward(self, hidden_states, key_value_states=None, key_value=None, attention_mask=None):
         if key_value is None:
             key_value = self.project_key_value(hidden_states if key_value_states is None else key_value_states)
         key, value = key_value
         query = self._split_heads(self.q_proj(hidden_states))
         mask = None if attention_mask is None else attention_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.o_proj(out.transpose(1, 2).flatten(2))
+        return self.attend(query, key, value, mask)
 
 
 class PDMDecoderLayer(nn.Module):
@@ -73,11 +127,9 @@ class PDMDecoderLayer(nn.Module):
         super().__init__()
         hidden, eps = config.hidden_size, config.layer_norm_eps
         self.self_attn_norm = nn.LayerNorm(hidden, eps=eps)
-        self.self_attn = PDMAttention(hidden, config.num_attention_heads, hidden, config.attention_dropout)
+        self.self_attn = PDMAttention(config, kv_dim=hidden)
         self.cross_attn_norm = nn.LayerNorm(hidden, eps=eps)
-        self.cross_attn = PDMAttention(
-            hidden, config.num_attention_heads, config.text_config.d_model, config.attention_dropout
-        )
+        self.cross_attn = PDMAttention(config, kv_dim=config.text_config.d_model)
         self.mlp_norm = nn.LayerNorm(hidden, eps=eps)
         self.mlp = nn.Sequential(
             nn.Linear(hidden, config.intermediate_size),
@@ -143,17 +195,37 @@ class PDMDecoder(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _is_finite_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_sampling_arguments(codebook_size, temperature, top_k, top_p, guidance_scale, num_images_per_prompt):
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if top_k is not None and not 1 <= top_k <= codebook_size:
-        raise ValueError(f"top_k must be between 1 and codebook_size {codebook_size}, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not guidance_scale >= 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
+    """ValueError naming the first bad sampling argument (each message starts with the argument's name)."""
+    if not _is_finite_number(temperature) or not temperature > 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool)
+                              or not 1 <= top_k <= codebook_size):
+        raise ValueError(f"top_k must be an integer between 1 and codebook_size {codebook_size}, got {top_k!r}")
+    if top_p is not None and (not _is_finite_number(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if not _is_finite_number(guidance_scale) or not guidance_scale >= 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
     if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+
+
+def check_generate_arguments(config, num_stages, order, temperature=1.0, top_k=None, top_p=None, guidance_scale=1.0,
+                             num_images_per_prompt=1, max_replacements=None):
+    """The checks of [`PDMForTextToImage.generate`] that need only the model's config, so that a caller (the `pdm`
+    command) can run them before loading any weights. ValueError naming the first bad argument."""
+    num_tokens = config.num_image_tokens
+    if not isinstance(num_stages, int) or isinstance(num_stages, bool) or not 1 <= num_stages <= num_tokens:
+        raise ValueError(f"num_stages must be an integer between 1 and L = {num_tokens}, got {num_stages!r}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    check_sampling_arguments(config.codebook_size, temperature, top_k, top_p, guidance_scale, num_images_per_prompt)
+    if max_replacements is not None and (not isinstance(max_replacements, int) or max_replacements < 0):
+        raise ValueError(f"max_replacements must be None or an integer >= 0, got {max_replacements!r}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:
@@ -169,12 +241,40 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[fl
     return logits
 
 
+def gumbel_argmax(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """argmax of `logits` (..., K) plus Gumbel(0, 1) noise made from `uniform` [0, 1) numbers of the same shape:
+    a draw from softmax(logits)."""
+    exponential = -torch.log(uniform.clamp(min=1e-20))  # Exp(1); -log of it is Gumbel(0, 1)
+    return (logits - torch.log(exponential.clamp(min=1e-20))).argmax(-1)
+
+
 def sample_codes(logits, temperature, top_k, top_p, generator: Generators) -> torch.Tensor:
     """(batch, n) codes drawn from `logits` (batch, n, K) by the Gumbel-max trick, with noise per example."""
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    uniform = rand(logits.shape, generator, logits.device)
-    exponential = -torch.log(uniform.clamp(min=1e-20))  # Exp(1); -log of it is Gumbel(0, 1)
-    return (logits - torch.log(exponential.clamp(min=1e-20))).argmax(-1)
+    return gumbel_argmax(logits, rand(logits.shape, generator, logits.device))
+
+
+def rand_rows(counts: torch.Tensor, width: int, generator: Generators, device) -> torch.Tensor:
+    """(sum(counts), width) uniform [0, 1) numbers: `counts[b]` rows for example b, in example order.
+
+    With one generator per example, example b's rows come from generator b alone, so an example draws the same
+    numbers in a batch as on its own.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        return rand((int(counts.sum()), width), generator, device)
+    return torch.cat([rand((int(count), width), g, device) for count, g in zip(counts.tolist(), generator)])
+
+
+def sample_codes_at(logits: torch.Tensor, rows: torch.Tensor, batch_size: int, temperature, top_k, top_p,
+                    generator: Generators) -> torch.Tensor:
+    """(n,) codes drawn from `logits` (n, K), the logits of n chosen positions, by the Gumbel-max trick.
+
+    `rows` (n,) says which example each position belongs to, in example order (as `nonzero` lists them): noise is
+    drawn for these positions only, per example as `rand_rows` does, not for every position of every image.
+    """
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    counts = torch.bincount(rows, minlength=batch_size)
+    return gumbel_argmax(logits, rand_rows(counts, logits.shape[-1], generator, logits.device))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -184,12 +284,44 @@ def sample_codes(logits, temperature, top_k, top_p, generator: Generators) -> to
 
 class PDMPreTrainedModel(PreTrainedModel):
     config_class = PDMConfig
-    base_model_prefix = "pdm"
+    # The image-token decoder is the body that the heads sit on (`model.base_model`), shared by PDM and the
+    # autoregressive baseline; the T5 text encoder is a `PreTrainedModel` of its own.
+    base_model_prefix = "decoder"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["PDMDecoderLayer", "T5Block"]
     _supports_sdpa = True
     _generation_step = "decode"  # the method `generate` calls once per stage (PDM) or per code (AR)
+
+    def _init_weights(self, module):
+        """N(0, `initializer_range`) for linear layers and embeddings, zero biases, LayerNorms at the identity.
+
+        Applied to the decoder and the heads; transformers initializes the T5 text encoder with T5's own rule.
+        """
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+    def _freeze_text_encoder(self):
+        """No gradients for the T5 encoder when `config.freeze_text_encoder` (the paper's setting)."""
+        if self.config.freeze_text_encoder:
+            self.text_encoder.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # transformers 5 loads every weight as a new `nn.Parameter` with requires_grad=True, which undoes the freezing
+        # done in `__init__`: freeze again, so that no training loop trains a frozen text encoder by accident.
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
+        model._freeze_text_encoder()
+        return loaded
 
     def compile_generation(self, mode: Optional[str] = None, **compile_kwargs):
         """Compile the decoder pass that `generate` repeats (the fast path); returns the model.
@@ -241,10 +373,13 @@ class PDMGenerateOutput(ModelOutput):
         codes (`torch.LongTensor` of shape `(batch, L)`): the final codes.
         stages (`torch.LongTensor` of shape `(batch, num_stages, L)`): the codes after every stage, `[MASK]`
             (= `codebook_size`) where nothing was generated yet.
+        replaced (`torch.LongTensor` of shape `(batch, num_stages)`): how many already generated codes each stage
+            chose to replace (error recovering, section 3.3); a replaced code may be redrawn as the same code.
     """
 
     codes: Optional[torch.LongTensor] = None
     stages: Optional[torch.LongTensor] = None
+    replaced: Optional[torch.LongTensor] = None
 
 
 class PDMForTextToImage(PDMPreTrainedModel):
@@ -268,8 +403,7 @@ class PDMForTextToImage(PDMPreTrainedModel):
         self.token_head = nn.Linear(config.hidden_size, config.codebook_size)
         self.state_head = nn.Linear(config.hidden_size, 3)
         self.post_init()
-        if config.freeze_text_encoder:
-            self.text_encoder.requires_grad_(False)
+        self._freeze_text_encoder()
 
     @classmethod
     def from_text_encoder_pretrained(cls, name_or_path: str, **config_overrides) -> "PDMForTextToImage":
@@ -362,17 +496,10 @@ class PDMForTextToImage(PDMPreTrainedModel):
 
     def _check_generate_arguments(self, input_ids, num_stages, order, temperature, top_k, top_p, guidance_scale,
                                   num_images_per_prompt, max_replacements):
-        num_tokens = self.config.num_image_tokens
         if input_ids is None or input_ids.dim() != 2 or input_ids.shape[0] == 0:
             raise ValueError("input_ids must be a non-empty (batch, S) tensor of prompt token ids")
-        if not isinstance(num_stages, int) or not 1 <= num_stages <= num_tokens:
-            raise ValueError(f"num_stages must be an integer between 1 and L = {num_tokens}, got {num_stages!r}")
-        if order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-        check_sampling_arguments(self.config.codebook_size, temperature, top_k, top_p, guidance_scale,
-                                 num_images_per_prompt)
-        if max_replacements is not None and (not isinstance(max_replacements, int) or max_replacements < 0):
-            raise ValueError(f"max_replacements must be None or an integer >= 0, got {max_replacements!r}")
+        check_generate_arguments(self.config, num_stages, order, temperature, top_k, top_p, guidance_scale,
+                                 num_images_per_prompt, max_replacements)
 
     def _unconditional_input(self, batch_size, negative_input_ids, negative_attention_mask, device):
         """Token ids of the unconditional prompt: `negative_input_ids` or the empty prompt (T5's lone `</s>`)."""
@@ -396,6 +523,9 @@ class PDMForTextToImage(PDMPreTrainedModel):
 
         With guidance the unconditional prompts follow the conditional ones along the batch.
         """
+        if negative_input_ids is not None and guidance_scale == 1.0:
+            logger.warning("negative_input_ids are ignored at guidance_scale 1.0 (no guidance): pass "
+                           "guidance_scale > 1 to guide away from them")
         device = self.device
         input_ids = input_ids.to(device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
@@ -432,6 +562,16 @@ class PDMForTextToImage(PDMPreTrainedModel):
         """
         scores = scores.masked_fill(~candidates, float("-inf"))
         return (scores_to_ranks(-scores) < count) & candidates
+
+    @classmethod
+    def choose_replacements(cls, state_logits: torch.Tensor, candidates: torch.Tensor, count) -> torch.Tensor:
+        """(batch, L) bool: the error-recovering choice (section 3.3) among `candidates` (batch, L).
+
+        A candidate is replaced when the state head calls it "replace" rather than "keep" (p(replace) > p(keep));
+        at most `count` per row (an int or a tensor), the most confident first.
+        """
+        margin = state_logits[..., STATE_REPLACE] - state_logits[..., STATE_KEEP]
+        return cls._select(margin, candidates & (margin > 0), torch.as_tensor(count, device=margin.device))
 
     @torch.no_grad()
     def generate(
@@ -471,12 +611,12 @@ class PDMForTextToImage(PDMPreTrainedModel):
                 prompt or `negative_input_ids` (one row, or one per prompt).
             num_images_per_prompt: images per prompt; the output has batch * num_images_per_prompt rows.
             generator: a `torch.Generator`, or one per output row (a batch then equals its rows one by one).
-            return_stages: also return the codes after every stage.
+            return_stages: also return the codes after every stage and how many codes each stage replaced.
             callback_on_stage_end: called as `fn(stage_index, codes)` after every stage.
 
         Returns:
             `torch.LongTensor` of shape (batch * num_images_per_prompt, L), or a [`PDMGenerateOutput`] with the
-            codes and the stages when `return_stages=True`.
+            codes, the stages and the replacement counts when `return_stages=True`.
         """
         num_stages = self.config.num_stages if num_stages is None else num_stages
         order = self.config.training_order if order is None else order
@@ -494,29 +634,32 @@ class PDMForTextToImage(PDMPreTrainedModel):
         limit = num_tokens if max_replacements is None else max_replacements
 
         codes = torch.full((batch_size, num_tokens), self.config.mask_token_id, dtype=torch.long, device=device)
-        stages = []
+        stages, replaced = [], []
         for stage in range(num_stages):
-            codes = self._stage_step(
+            codes, replace = self._stage_step(
                 codes, stage, cumulative, limit, fixed_ranks, text_key_values, text_mask, guidance_scale,
                 temperature, top_k, top_p, generator,
             )
             if return_stages:
                 stages.append(codes)
+                replaced.append(replace.sum(-1))
             if callback_on_stage_end is not None:
                 callback_on_stage_end(stage, codes)
         if return_stages:
-            return PDMGenerateOutput(codes=codes, stages=torch.stack(stages, dim=1))
+            return PDMGenerateOutput(codes=codes, stages=torch.stack(stages, dim=1), replaced=torch.stack(replaced, 1))
         return codes
 
     def _stage_step(self, codes, stage, cumulative, limit, fixed_ranks, text_key_values, text_mask, guidance_scale,
                     temperature, top_k, top_p, generator):
-        """One stage: Y^t -> Y^{t+1}. Every tensor keeps its shape from stage to stage."""
+        """One stage: Y^t -> Y^{t+1}, and the (batch, L) positions it replaced.
+
+        The decoder pass keeps the same shapes at every stage (one compiled graph serves them all); guidance and
+        sampling then work on the positions this stage writes only, not on all (batch, L, K) logits.
+        """
         use_guidance = guidance_scale != 1.0
         decoder_input = torch.cat([codes, codes]) if use_guidance else codes
         token_logits, state_logits = self._generation_step_fn()(decoder_input, text_key_values, text_mask)
         if use_guidance:
-            cond, uncond = token_logits.float().chunk(2)
-            token_logits = uncond + guidance_scale * (cond - uncond)
             state_logits = state_logits.chunk(2)[0]
         state_logits = state_logits.float()
 
@@ -525,12 +668,30 @@ class PDMForTextToImage(PDMPreTrainedModel):
         if fixed_ranks is not None:
             generate = (fixed_ranks >= cumulative[stage]) & (fixed_ranks < cumulative[stage + 1])
         else:
-            generate = self._select(state_logits[..., STATE_GENERATE], masked, num_generate)
+            # Ranked by p(generate) (section 3.1): the raw logit would ignore how strongly keep or replace compete.
+            generate = self._select(state_logits.log_softmax(-1)[..., STATE_GENERATE], masked, num_generate)
         # Bound of section 3.1: no more replacements than codes generated in the stage before.
         generated_last_stage = cumulative[stage] - cumulative[max(stage - 1, 0)]
         num_replace = torch.clamp(generated_last_stage, max=limit)
-        replace_margin = state_logits[..., STATE_REPLACE] - state_logits[..., STATE_KEEP]
-        replace = self._select(replace_margin, ~masked & (replace_margin > 0), num_replace)
+        replace = self.choose_replacements(state_logits, ~masked, num_replace)
 
-        sampled = sample_codes(token_logits, temperature, top_k, top_p, generator)
-        return torch.where(generate | replace, sampled, codes)
+        rows, positions = (generate | replace).nonzero(as_tuple=True)  # example order, as `sample_codes_at` needs
+        if use_guidance:
+            cond, uncond = token_logits.chunk(2)
+            cond, uncond = cond[rows, positions].float(), uncond[rows, positions].float()
+            chosen_logits = uncond + guidance_scale * (cond - uncond)
+        else:
+            chosen_logits = token_logits[rows, positions]
+        codes = codes.clone()  # the codes of the stage before stay as they were (`return_stages` keeps them)
+        codes[rows, positions] = sample_codes_at(chosen_logits, rows, codes.shape[0], temperature, top_k, top_p,
+                                                 generator)
+        return codes, replace
+
+
+# Register with the Auto classes when imported as part of the package. A copy saved beside a model and loaded with
+# `trust_remote_code` is registered by transformers itself.
+if __name__.startswith("progressive_denoising."):
+    AutoModel.register(PDMConfig, PDMForTextToImage, exist_ok=True)
+    # Saved folders carry the model code and an `auto_map`, so people without this package can load them with
+    # `AutoModel.from_pretrained(folder_or_hub_id, trust_remote_code=True)`.
+    PDMForTextToImage.register_for_auto_class("AutoModel")

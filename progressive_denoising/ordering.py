@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .configuration_pdm import FIXED_ORDERS, ORDERS, STATE_GENERATE, STATE_KEEP, STATE_REPLACE
+from .configuration_pdm import FIXED_ORDERS, ORDERS, STATE_GENERATE, STATE_KEEP, STATE_REPLACE, TOKEN_LOSS_POSITIONS
 
 IGNORE_INDEX = -100
 
@@ -104,6 +104,7 @@ def build_stage_tuples(
     codebook_size: int,
     p_error: float = 0.0,
     generator: Optional[torch.Generator] = None,
+    token_loss_positions: str = "stage",
 ) -> dict:
     """Training tuples (Y^{t-1}, Z^t, Y^t) of eq. 4 with pseudo errors (section 3.3), for a whole batch at once.
 
@@ -115,11 +116,15 @@ def build_stage_tuples(
         p_error: probability that an example gets pseudo errors: between 1 and (size of the previous stage's
             group) of its shown codes become other codes, labelled "replace" with the ground truth as target,
             mirroring the bound on replacements at generation time.
+        token_loss_positions: where the token labels are: `stage` (the paper's Z^t != 0: group t and the pseudo
+            errors) or `masked` (every position still `[MASK]` in Y^{t-1}, and the pseudo errors). `generate`
+            samples every code it writes from the token head at a masked position, so `masked` trains that
+            distribution at T times more positions per tuple; the state labels are the same either way.
 
     Returns a dict with
         `image_tokens` (batch, L): Y^{t-1}, the ground truth of groups 1..t-1 (pseudo errors included), `[MASK]`
             elsewhere;
-        `token_labels` (batch, L): the ground truth where Z^t != 0 (group t and pseudo errors), -100 elsewhere;
+        `token_labels` (batch, L): the ground truth at the `token_loss_positions`, -100 elsewhere;
         `state_labels` (batch, L): Z^t as classes keep / generate / replace, defined on every position;
         `has_error` (batch,) bool: which examples got pseudo errors.
     """
@@ -127,6 +132,8 @@ def build_stage_tuples(
         raise ValueError(f"codes and ranks must both be (batch, L), got {tuple(codes.shape)} and {tuple(ranks.shape)}")
     if not 0.0 <= p_error <= 1.0:
         raise ValueError(f"p_error must be in [0, 1], got {p_error}")
+    if token_loss_positions not in TOKEN_LOSS_POSITIONS:
+        raise ValueError(f"token_loss_positions must be one of {TOKEN_LOSS_POSITIONS}, got {token_loss_positions!r}")
     batch_size, num_tokens = codes.shape
     device = codes.device
     stages = stages.to(device)
@@ -150,7 +157,8 @@ def build_stage_tuples(
 
     image_tokens = torch.where(shown, codes, torch.full_like(codes, mask_token_id))
     image_tokens = torch.where(replace, wrong_codes, image_tokens)
-    token_labels = torch.where(generate | replace, codes, torch.full_like(codes, IGNORE_INDEX))
+    labelled = generate if token_loss_positions == "stage" else ~shown
+    token_labels = torch.where(labelled | replace, codes, torch.full_like(codes, IGNORE_INDEX))
     state_labels = torch.full_like(codes, STATE_KEEP)
     state_labels[generate] = STATE_GENERATE
     state_labels[replace] = STATE_REPLACE

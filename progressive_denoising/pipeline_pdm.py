@@ -1,30 +1,42 @@
-"""Text in, images out: a T5 tokenizer, a `PDMForTextToImage` and a `diffusers.VQModel` in one folder.
+"""Text in, images out: a T5 tokenizer, a `PDMForTextToImage` and a `diffusers.VQModel` as a `DiffusionPipeline`.
 
-Laid out like a diffusers pipeline: `__call__` validates its arguments, encodes the prompt, runs the stages with a
-progress bar and an optional callback, then decodes the codes with the VQ model. A saved pipeline is a folder
-with `model_index.json`, `tokenizer/`, `model/` and `vqvae/`; `from_pretrained` takes such a folder or a Hub id.
+`__call__` checks its arguments, tokenizes the prompt, runs the stages (the model's `generate`) with diffusers'
+progress bar and `callback_on_step_end`, then decodes the codes with the VQ model and `VaeImageProcessor`.
+
+A saved pipeline carries its code: a copy of this file beside `model_index.json`, the model's modules in `model/`
+(transformers copies them: the model classes are registered for `AutoModel`), and a `model_index.json` that names
+both (`"_class_name": ["pipeline_pdm", "PDMPipeline"]`, `"model": ["modeling_pdm", "PDMForTextToImage"]`). So
+`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads it with torch, transformers and diffusers
+alone (a Hub repository after `snapshot_download`: from a Hub id diffusers fetches `model/modeling_pdm.py` but not the
+modules it imports), and this file imports nothing from its own package.
 """
 
 import json
 import os
+import shutil
+import warnings
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import VQModel
-from diffusers.utils import BaseOutput
-from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
-
-from .configuration_pdm import ORDERS
-from .modeling_pdm import PDMForTextToImage
-from .vq import decode_codes, postprocess_images
+from diffusers import DiffusionPipeline, VQModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput, logging
+from diffusers.utils.accelerate_utils import apply_forward_hook
+from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+from huggingface_hub import create_repo, snapshot_download
+from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
 OUTPUT_TYPES = ("pil", "np", "pt", "codes")
-COMPONENTS = ("tokenizer", "model", "vqvae")
 MAX_PROMPT_TOKENS = 256
+# Arguments of `from_pretrained` that say where and how to download a Hub repository.
+HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+CARD_TAGS = ["progressive-denoising", "pdm", "text-to-image", "custom_code"]
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -42,82 +54,167 @@ class PDMPipelineOutput(BaseOutput):
     stages: Optional[Union[list, torch.Tensor]] = None
 
 
-class PDMPipeline:
+def decode_vq_codes(vqvae: VQModel, codes: torch.Tensor, grid) -> torch.Tensor:
+    """Images (batch, 3, H, W), nominally in [-1, 1], of VQ codes (batch, h * w) in [0, K), row-major on `grid` (h, w).
+
+    Takes the VQ model first so that `apply_forward_hook` can wrap it: with model CPU offload the codebook lookup then
+    runs on the accelerator too, not only `vqvae.decode`.
+    """
+    height, width = grid
+    shape = (codes.shape[0], height, width, vqvae.config.vq_embed_dim or vqvae.config.latent_channels)
+    codes = codes.to(vqvae.device)
+    if vqvae.config.lookup_from_codebook:  # `decode` looks the codes up itself
+        return vqvae.decode(codes, force_not_quantize=True, shape=shape).sample
+    latents = vqvae.quantize.get_codebook_entry(codes.flatten(), shape)  # (batch, D, h, w)
+    return vqvae.decode(latents, force_not_quantize=True).sample
+
+
+class PDMPipeline(DiffusionPipeline):
     r"""Text-to-image generation with a Progressive Denoising Model.
 
     Args:
         tokenizer: a T5 tokenizer (`</s>` appended; the empty prompt is the unconditional input).
-        model: a [`PDMForTextToImage`].
+        model: a `PDMForTextToImage`.
         vqvae: a `diffusers.VQModel` whose codebook the model's codes index; its decoder makes the pixels.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, model: PDMForTextToImage, vqvae: VQModel):
+    model_cpu_offload_seq = "model->vqvae"
+    _callback_tensor_inputs = ["codes"]
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, vqvae: VQModel):
+        super().__init__()
         if vqvae.config.num_vq_embeddings != model.config.codebook_size:
             raise ValueError(
                 f"vqvae has {vqvae.config.num_vq_embeddings} codes but the model's codebook_size is "
                 f"{model.config.codebook_size}"
             )
-        self.tokenizer, self.model, self.vqvae = tokenizer, model.eval(), vqvae.eval()
-        self._progress_bar_config = {}
+        self.register_modules(tokenizer=tokenizer, model=model.eval(), vqvae=vqvae.eval())
+        self.vae_scale_factor = 2 ** (len(vqvae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
-    # -- loading, saving, moving ---------------------------------------------------------------------------------
+    # -- loading and saving --------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, torch_dtype: Optional[torch.dtype] = None, **hub_kwargs) -> "PDMPipeline":
-        """Load a pipeline folder, or download one from the Hub by id (`hub_kwargs` go to `snapshot_download`)."""
-        folder = name_or_path
+    def load_config(cls, *args, **kwargs):
+        """`model_index.json` as this class loads it: the pipeline is `cls`, and `from_pretrained` passes the model.
+
+        A saved folder names its copies of the code (`["pipeline_pdm", "PDMPipeline"]`, `["modeling_pdm", ...]`) for
+        loading without this package; diffusers would import those copies (and ask for `trust_remote_code`).
+        """
+        output = super().load_config(*args, **kwargs)
+        config = output[0] if isinstance(output, tuple) else output
+        config["_class_name"] = cls.__name__
+        config["model"] = [None, None]
+        return output
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs) -> "PDMPipeline":
+        r"""Load a saved pipeline (a folder or a Hub id) with the classes of the package this file belongs to.
+
+        Takes the arguments of [`DiffusionPipeline.from_pretrained`] (`dtype`, one per component as a dict too, a
+        component to use instead of the saved one, the Hub's `revision`, `token`, ...). No code of the folder runs, so
+        no `trust_remote_code` is needed; without this package, load the folder with
+        `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`.
+        """
+        folder = str(pretrained_model_name_or_path)
         if not os.path.isdir(folder):
-            from huggingface_hub import snapshot_download
+            # `DiffusionPipeline.download` would import the repository's copy of this file to list the components.
+            folder = snapshot_download(folder, **{key: kwargs[key] for key in HUB_KWARGS if key in kwargs})
+        if "model" not in kwargs and os.path.isdir(os.path.join(folder, "model")):
+            # `AutoModel` picks PDM or the autoregressive baseline from the saved config, through the classes this
+            # package registers for it.
+            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+            if isinstance(dtype, dict):  # one dtype per component, as diffusers takes it
+                dtype = dtype.get("model", dtype.get("default", torch.float32))
+            model_kwargs = {} if dtype is None else {"dtype": dtype}
+            kwargs["model"] = AutoModel.from_pretrained(os.path.join(folder, "model"), **model_kwargs)
+        return super().from_pretrained(folder, **kwargs)
 
-            folder = snapshot_download(name_or_path, **hub_kwargs)
-        missing = [name for name in COMPONENTS if not os.path.isdir(os.path.join(folder, name))]
-        if missing:
-            raise ValueError(f"{name_or_path} is not a PDM pipeline folder: missing sub-folder(s) {missing}")
-        dtype_kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-        return cls(
-            tokenizer=AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer")),
-            model=PDMForTextToImage.from_pretrained(os.path.join(folder, "model"), **dtype_kwargs),
-            vqvae=VQModel.from_pretrained(os.path.join(folder, "vqvae"), **dtype_kwargs),
+    def save_pretrained(
+        self,
+        save_directory: Union[str, os.PathLike],
+        safe_serialization: bool = True,
+        variant: Optional[str] = None,
+        max_shard_size: Optional[Union[int, str]] = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ):
+        r"""Save the components, and the code that loads them without this package.
+
+        Beside diffusers' layout (`model_index.json`, `tokenizer/`, `model/`, `vqvae/`) the folder gets a copy of this
+        file, transformers writes the model's modules into `model/` with an `auto_map`, and `model_index.json` names
+        them: `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` and
+        `AutoModel.from_pretrained(folder + "/model", trust_remote_code=True)` then work without this package.
+
+        With `push_to_hub=True` the folder gets a model card (`README.md`: the one already in `save_directory`, else
+        the repository's, else a new one; with this library's metadata) and is uploaded to `repo_id` (default: the
+        folder's name); `token`, `private`, `commit_message` and `create_pr` as in diffusers.
+        """
+        model_class, config_class = type(self.model), type(self.model.config)
+        # Only classes registered for an Auto class save their code. transformers registers a class that it loads
+        # with `trust_remote_code`, diffusers does not: register the model's classes whatever loaded them.
+        if model_class._auto_class is None:
+            model_class.register_for_auto_class("AutoModel")
+        if config_class._auto_class is None:
+            config_class.register_for_auto_class()
+        super().save_pretrained(
+            save_directory, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size
         )
+        shutil.copyfile(__file__, os.path.join(save_directory, os.path.basename(__file__)))
+        index_path = os.path.join(save_directory, self.config_name)
+        with open(index_path) as f:
+            index = json.load(f)
+        index.pop("_name_or_path", None)  # where this pipeline was loaded from: nothing the saved folder needs
+        index["_class_name"] = [os.path.splitext(os.path.basename(__file__))[0], type(self).__name__]
+        index["model"] = [model_class.__module__.rsplit(".", 1)[-1], model_class.__name__]
+        with open(index_path, "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+            f.write("\n")
 
-    def save_pretrained(self, save_directory: str, push_to_hub: bool = False, repo_id: Optional[str] = None, **kwargs):
-        """Write `model_index.json` and the three components; optionally upload the folder to the Hub."""
-        os.makedirs(save_directory, exist_ok=True)
-        self.tokenizer.save_pretrained(os.path.join(save_directory, "tokenizer"))
-        self.model.save_pretrained(os.path.join(save_directory, "model"))
-        self.vqvae.save_pretrained(os.path.join(save_directory, "vqvae"))
-        index = {"_class_name": type(self).__name__}
-        for name in COMPONENTS:
-            component = getattr(self, name)
-            index[name] = [type(component).__module__.split(".")[0], type(component).__name__]
-        with open(os.path.join(save_directory, "model_index.json"), "w") as f:
-            json.dump(index, f, indent=2)
         if push_to_hub:
-            from huggingface_hub import create_repo, upload_folder
+            token = kwargs.pop("token", None)
+            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory)))
+            repo_id = create_repo(repo_id, exist_ok=True, private=kwargs.pop("private", None), token=token).repo_id
+            self._model_card(save_directory, repo_id, token=token).save(os.path.join(save_directory, "README.md"))
+            self._upload_folder(
+                save_directory, repo_id, token=token, commit_message=kwargs.pop("commit_message", None),
+                create_pr=kwargs.pop("create_pr", False),
+            )
 
-            repo_id = create_repo(repo_id or os.path.basename(os.path.abspath(save_directory)), exist_ok=True, **kwargs).repo_id
-            upload_folder(repo_id=repo_id, folder_path=save_directory)
-
-    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "PDMPipeline":
-        """Move (and cast) the model and the VQ model, like `DiffusionPipeline.to`."""
-        # diffusers warns about float32 modules whenever `dtype` is passed, even as None: pass it only when given.
-        cast = {} if dtype is None else {"dtype": dtype}
-        self.model.to(device=device, **cast)
-        self.vqvae.to(device=device, **cast)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    def set_progress_bar_config(self, **kwargs):
-        """Options for the tqdm bar over stages, e.g. `disable=True`."""
-        self._progress_bar_config = kwargs
+    def _model_card(self, save_directory: Union[str, os.PathLike], repo_id: str, token: Optional[str] = None):
+        """The model card of a saved pipeline: `save_directory`'s README.md, else the Hub repository's, else a new
+        one saying how to load it; with `library_name`, `pipeline_tag` and this library's tags added where missing."""
+        readme = os.path.join(save_directory, "README.md")
+        # diffusers fetches only the module that model_index.json names from a model folder (model/modeling_pdm.py),
+        # not the modules it imports: the snippet downloads the whole repository first.
+        description = (
+            "A Progressive Denoising Model (PDM) text-to-image pipeline: a T5 text encoder, a bidirectional decoder "
+            "that generates VQ codes coarse to fine in stages and may replace codes it generated earlier, and a "
+            "`VQModel` that decodes them. The repository carries its code:\n\n"
+            "```python\nfrom diffusers import DiffusionPipeline\nfrom huggingface_hub import snapshot_download\n\n"
+            f'pipe = DiffusionPipeline.from_pretrained(snapshot_download("{repo_id}"), trust_remote_code=True)\n'
+            'image = pipe("a small red circle left of a large blue square").images[0]\n```'
+        )
+        card = load_or_create_model_card(
+            readme if os.path.isfile(readme) else repo_id, token=token, is_pipeline=True, model_description=description
+        )
+        card = populate_model_card(card, tags=[tag for tag in CARD_TAGS if tag not in (card.data.tags or [])])
+        card.data.pipeline_tag = card.data.pipeline_tag or "text-to-image"
+        return card
 
     # -- generation ----------------------------------------------------------------------------------------------
 
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        """The number of stages of the current or last call."""
+        return self._num_timesteps
+
     def check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
-                     output_type, order, generator):
+                     output_type, generator, callback_on_step_end_tensor_inputs):
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
@@ -128,43 +225,85 @@ class PDMPipeline:
                     f"negative_prompt must be a string or a list of {len(prompts)} strings (one per prompt), "
                     f"got {len(negatives) if isinstance(negatives, (list, tuple)) else negatives!r}"
                 )
+            if guidance_scale == 1.0:
+                logger.warning("negative_prompt is ignored at guidance_scale 1.0 (no guidance): pass "
+                               "guidance_scale > 1 to guide away from it")
         num_tokens = self.model.config.num_image_tokens
         if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= num_tokens:
             raise ValueError(f"num_inference_steps must be an integer between 1 and {num_tokens}, got {num_inference_steps!r}")
-        if not guidance_scale >= 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
+        # guidance_scale, temperature, top_k, top_p and order are the model's arguments: `generate` checks them.
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if order is not None and order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         num_images = len(prompts) * num_images_per_prompt
         if isinstance(generator, (list, tuple)) and len(generator) != num_images:
             raise ValueError(f"generator is a list of {len(generator)} but {num_images} images are asked for")
+        tensor_inputs = callback_on_step_end_tensor_inputs or []
+        unknown = [name for name in tensor_inputs if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}, got {unknown}"
+            )
         return list(prompts)
 
     def encode_prompt(self, prompts: List[str]):
-        """Token ids and attention mask (batch, S) of the prompts, on the model's device."""
+        """Token ids and attention mask (batch, S) of the prompts, on the execution device; the model runs the text
+        encoder itself (once per call). Warns about words the tokenizer does not know and prompts cut to the limit."""
         max_length = min(self.tokenizer.model_max_length, MAX_PROMPT_TOKENS)
         tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        return tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+        self._warn_unknown_words(prompts, tokens.input_ids)
+        self._warn_truncated(prompts, max_length)
+        device = self._execution_device
+        return tokens.input_ids.to(device), tokens.attention_mask.to(device)
+
+    def _unknown_words(self, prompt: str) -> List[str]:
+        """Words of `prompt` that the tokenizer turns into its unknown token, in order, without repeats.
+
+        The rule of `progressive_denoising.text_tokenizer.unknown_words`, written out here because this file must load
+        without the package (a saved folder carries it); a test keeps the two in step.
+        """
+        unknown = []
+        for word in prompt.split():
+            ids = self.tokenizer(word, add_special_tokens=False).input_ids
+            if self.tokenizer.unk_token_id in ids and word not in unknown:
+                unknown.append(word)
+        return unknown
+
+    def _warn_unknown_words(self, prompts: List[str], input_ids: torch.Tensor):
+        unk = self.tokenizer.unk_token_id
+        if unk is None:
+            return
+        for prompt, ids in zip(prompts, input_ids):
+            if (ids == unk).any():
+                words = ", ".join(repr(word) for word in self._unknown_words(prompt))
+                logger.warning(f"the tokenizer does not know {words} in the prompt {prompt!r}: they are read as "
+                               f"{self.tokenizer.unk_token}, which the model cannot tell apart")
+
+    def _warn_truncated(self, prompts: List[str], max_length: int):
+        """The tokens past `max_length`, as diffusers' pipelines report them."""
+        for prompt in prompts:
+            ids = self.tokenizer(prompt).input_ids
+            if len(ids) > max_length:
+                removed = self.tokenizer.decode(ids[max_length - 1 : -1], skip_special_tokens=True)
+                shown = removed if len(removed) <= 60 else removed[:60] + "..."
+                logger.warning(f"the prompt {prompt[:40]!r}... has {len(ids)} tokens and the pipeline reads at most "
+                               f"{max_length}: the end was cut off ({len(ids) - max_length} tokens: {shown!r})")
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Images (batch, 3, H, W) in [-1, 1] of codes (batch, L); cells still `[MASK]` are painted grey."""
-        mask_id = self.model.config.mask_token_id
-        masked = codes == mask_id
-        images = decode_codes(self.vqvae, codes.masked_fill(masked, 0), self.model.config.token_grid_size)
+        masked = codes == self.model.config.mask_token_id
+        grid = self.model.config.token_grid_size
+        images = apply_forward_hook(decode_vq_codes)(self.vqvae, codes.masked_fill(masked, 0), grid)
         if masked.any():
-            grid = masked.view(-1, 1, *self.model.config.token_grid_size).float()
-            cells = torch.nn.functional.interpolate(grid, size=images.shape[-2:], mode="nearest").bool()
-            images = images.masked_fill(cells.to(images.device), 0.0)
+            cells = torch.nn.functional.interpolate(masked.view(-1, 1, *grid).float(), size=images.shape[-2:])
+            images = images.masked_fill(cells.bool().to(images.device), 0.0)
         return images
 
     def _format(self, codes: torch.Tensor, output_type: str):
         if output_type == "codes":
             return codes
-        return postprocess_images(self.decode_codes(codes), output_type)
+        return self.image_processor.postprocess(self.decode_codes(codes), output_type=output_type)
 
     @torch.no_grad()
     def __call__(
@@ -184,6 +323,11 @@ class PDMPipeline:
         return_stages: bool = False,
         callback_on_stage_end: Optional[Callable[["PDMPipeline", int, torch.Tensor], None]] = None,
         return_dict: bool = True,
+        callback_on_step_end: Optional[
+            Union[Callable[[DiffusionPipeline, int, int, Dict[str, Any]], Dict[str, Any]], PipelineCallback,
+                  MultiPipelineCallbacks]
+        ] = None,
+        callback_on_step_end_tensor_inputs: List[str] = ["codes"],
     ):
         """Generate images for `prompt`.
 
@@ -199,40 +343,69 @@ class PDMPipeline:
             num_images_per_prompt: images for every prompt.
             output_type: `"pil"`, `"np"`, `"pt"` or `"codes"`.
             return_stages: also return the images after every stage (figure 1 of the paper).
-            callback_on_stage_end: called as `fn(pipeline, stage_index, codes)` after every stage.
+            callback_on_stage_end: deprecated, use `callback_on_step_end`; called as `fn(pipeline, stage, codes)`.
+            return_dict: return a [`PDMPipelineOutput`] rather than a tuple.
+            callback_on_step_end: called after every stage as `fn(pipeline, stage, stage, callback_kwargs)`, as in
+                diffusers (PDM has no noise timesteps: the step and the "timestep" are both the stage index 0..T-1);
+                `callback_kwargs` holds the tensors named in `callback_on_step_end_tensor_inputs`, here `codes`
+                (batch, L) with `[MASK]` where nothing is generated yet. It returns a dict; `codes` in it (same shape)
+                replace the codes the next stage starts from. A `PipelineCallback` works too.
+            callback_on_step_end_tensor_inputs: the tensors passed to `callback_on_step_end`, among
+                `_callback_tensor_inputs`.
 
         Returns:
             [`PDMPipelineOutput`], or a tuple `(images,)` / `(images, stages)` when `return_dict=False`.
         """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if callback_on_stage_end is not None:
+            warnings.warn(
+                "`callback_on_stage_end` is deprecated and will be removed: pass `callback_on_step_end`, called as "
+                "`fn(pipeline, stage, stage, {'codes': codes})`",
+                FutureWarning,
+                stacklevel=2,
+            )
         num_inference_steps = self.model.config.num_stages if num_inference_steps is None else num_inference_steps
         prompts = self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale,
-                                    num_images_per_prompt, output_type, order, generator)
+                                    num_images_per_prompt, output_type, generator, callback_on_step_end_tensor_inputs)
+        self._guidance_scale = guidance_scale
+        self._num_timesteps = num_inference_steps
 
         input_ids, attention_mask = self.encode_prompt(prompts)
         negative_ids = negative_mask = None
-        if negative_prompt is not None:
+        if negative_prompt is not None and guidance_scale != 1.0:  # without guidance it is unused (`check_inputs`)
             negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
             negative_ids, negative_mask = self.encode_prompt(negatives)
 
-        progress = tqdm(total=num_inference_steps, desc="stages", **self._progress_bar_config)
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
 
-        def on_stage_end(stage, codes):
-            progress.update()
-            if callback_on_stage_end is not None:
-                callback_on_stage_end(self, stage, codes)
+            def on_stage_end(stage, codes):
+                if callback_on_step_end is not None:
+                    tensors = {"codes": codes}
+                    callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, stage, stage, callback_kwargs)
+                    new_codes = callback_outputs.pop("codes", codes)
+                    if new_codes is not codes:
+                        codes.copy_(new_codes)  # in place: `generate` goes on from this tensor
+                if callback_on_stage_end is not None:
+                    callback_on_stage_end(self, stage, codes)
+                progress_bar.update()
 
-        result = self.model.generate(
-            input_ids, attention_mask, num_stages=num_inference_steps, order=order, temperature=temperature,
-            top_k=top_k, top_p=top_p, guidance_scale=guidance_scale, negative_input_ids=negative_ids,
-            negative_attention_mask=negative_mask, num_images_per_prompt=num_images_per_prompt, generator=generator,
-            return_stages=return_stages, max_replacements=max_replacements, callback_on_stage_end=on_stage_end,
-        )
-        progress.close()
+            # `generate` runs the model's submodules, not its `forward`, which is what an offload hook wraps: run it
+            # through the hook as `VQModel.decode` is, so `enable_model_cpu_offload` moves the model first.
+            result = apply_forward_hook(type(self.model).generate)(
+                self.model, input_ids, attention_mask, num_stages=num_inference_steps, order=order,
+                temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
+                negative_input_ids=negative_ids, negative_attention_mask=negative_mask,
+                num_images_per_prompt=num_images_per_prompt, generator=generator, return_stages=return_stages,
+                max_replacements=max_replacements, callback_on_stage_end=on_stage_end,
+            )
 
         codes, stages = (result.codes, result.stages) if return_stages else (result, None)
         images = self._format(codes, output_type)
         if stages is not None and output_type != "codes":
             stages = [self._format(stages[:, t], output_type) for t in range(stages.shape[1])]
+        self.maybe_free_model_hooks()
         if not return_dict:
             return (images,) if stages is None else (images, stages)
         return PDMPipelineOutput(images=images, stages=stages)

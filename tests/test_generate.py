@@ -100,6 +100,11 @@ def test_forced_replacement_is_bounded_by_the_previous_stage():
     assert changes.sum() > 0  # replacement really happens (a replaced code rarely draws the same code again)
     capped = model.generate(ids, mask, num_stages=num_stages, generator=generators(2), return_stages=True, max_replacements=1)
     assert (changes_per_stage(model, capped.stages) <= 1).all()
+    # The reported counts: every generated code is called "replace", so each stage replaces up to its bound.
+    assert out.replaced.shape == (2, num_stages) and (out.replaced[:, 0] == 0).all()
+    assert torch.equal(out.replaced[:, 1:], bound.expand(2, -1))
+    assert (changes <= out.replaced[:, 1:]).all()  # a replaced code may be redrawn as the same code
+    assert (capped.replaced[:, 1:] == 1).all()
 
 
 @pytest.mark.parametrize("forced", [True, False])
@@ -110,6 +115,7 @@ def test_max_replacements_zero_never_changes_a_generated_code(forced):
     ids, mask = prompts()
     out = model.generate(ids, mask, num_stages=8, generator=generators(2), return_stages=True, max_replacements=0)
     assert (changes_per_stage(model, out.stages) == 0).all()
+    assert (out.replaced == 0).all()
 
 
 def test_keep_state_means_no_replacement():
@@ -150,6 +156,29 @@ def test_state_head_chooses_the_positions_for_trained_orders():
     out = model.generate(ids, mask, num_stages=4, order="quant-error", generator=generators(2), return_stages=True)
     first_stage = out.stages[:, 0] != model.config.mask_token_id
     assert (first_stage == (torch.arange(16) < 4)).all()
+
+
+class DisagreeingStateHead(torch.nn.Module):
+    """State logits where the raw "generate" logit and p(generate) rank positions in opposite ways.
+
+    Positions 0-3: generate 5, keep 10 (p(generate) ~ 0.007, the largest raw logit); positions 4-7: generate 1,
+    keep and replace -10 (p(generate) ~ 1); the rest: generate -20.
+    """
+
+    def forward(self, hidden_states):
+        logits = torch.tensor([0.0, -20.0, -30.0]).repeat(16, 1)
+        logits[:4] = torch.tensor([10.0, 5.0, -30.0])
+        logits[4:8] = torch.tensor([-10.0, 1.0, -10.0])
+        return logits.expand(*hidden_states.shape[:-1], 3)
+
+
+def test_positions_to_fill_are_ranked_by_probability_not_raw_logit():
+    model = tiny_model()
+    model.state_head = DisagreeingStateHead()
+    ids, mask = prompts()
+    out = model.generate(ids, mask, num_stages=4, generator=generators(2), return_stages=True)
+    first_stage = out.stages[:, 0] != model.config.mask_token_id
+    assert (first_stage == ((torch.arange(16) >= 4) & (torch.arange(16) < 8))).all(), first_stage
 
 
 def test_guidance_one_is_plain_conditional_sampling():

@@ -49,6 +49,7 @@ def test_config_defaults_follow_the_paper():
     assert (config.codebook_size, config.token_grid_size, config.num_stages) == (16384, (32, 32), 64)
     assert config.mask_token_id == 16384 and config.num_image_tokens == 1024
     assert config.text_config.d_model == 768 and config.freeze_text_encoder
+    assert config.token_loss_positions == "stage"  # the paper's rule (eq. 4): labels on the stage-t group
 
 
 @pytest.mark.parametrize(
@@ -59,6 +60,7 @@ def test_config_defaults_follow_the_paper():
         (dict(token_grid_size=(2, 2), num_stages=5), ["num_stages", "token_grid_size"]),
         (dict(mask_token_id=3), ["mask_token_id", "codebook_size"]),
         (dict(training_order="zigzag"), ["training_order"]),
+        (dict(token_loss_positions="all"), ["token_loss_positions"]),
         (dict(codebook_size=0), ["codebook_size"]),
     ],
 )

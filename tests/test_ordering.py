@@ -88,12 +88,13 @@ def test_schedule_rejects_bad_stage_counts():
 # -- training tuples ---------------------------------------------------------------------------------------------
 
 
-def make_tuples(num_tokens, num_stages, batch=64, p_error=0.5, seed=0, order="random"):
+def make_tuples(num_tokens, num_stages, batch=64, p_error=0.5, seed=0, order="random", token_loss_positions="stage"):
     generator = torch.Generator().manual_seed(seed)
     codes = torch.randint(K, (batch, num_tokens), generator=generator)
     ranks = ranks_of(order, batch, num_tokens, generator=generator)
     stages = torch.randint(1, num_stages + 1, (batch,), generator=generator)
-    tuples = build_stage_tuples(codes, ranks, stages, num_stages, MASK, K, p_error=p_error, generator=generator)
+    tuples = build_stage_tuples(codes, ranks, stages, num_stages, MASK, K, p_error=p_error, generator=generator,
+                                token_loss_positions=token_loss_positions)
     return codes, ranks, stages, tuples
 
 
@@ -140,6 +141,23 @@ def test_state_and_token_labels(num_tokens, num_stages):
     assert (wrong.sum(1) <= torch.where(stages >= 2, previous, 0)).all()
 
 
+@pytest.mark.parametrize("num_tokens,num_stages", CASES)
+def test_masked_token_loss_labels_every_masked_position_and_keeps_the_states(num_tokens, num_stages):
+    codes, ranks, stages, t = make_tuples(num_tokens, num_stages, p_error=0.7, token_loss_positions="masked")
+    _, _, _, paper = make_tuples(num_tokens, num_stages, p_error=0.7, token_loss_positions="stage")
+    masked = t["image_tokens"] == MASK
+    wrong = ~masked & (t["image_tokens"] != codes)
+    labelled = masked | wrong
+    assert torch.equal(t["token_labels"][labelled], codes[labelled])
+    assert (t["token_labels"][~labelled] == IGNORE_INDEX).all()
+    # Same draws, same inputs and states: only where the token loss applies differs (a superset of the paper's).
+    for key in ("image_tokens", "state_labels", "has_error"):
+        assert torch.equal(t[key], paper[key]), key
+    assert ((paper["token_labels"] != IGNORE_INDEX) <= (t["token_labels"] != IGNORE_INDEX)).all()
+    later = stages < num_stages  # before the last stage some masked positions lie outside group t
+    assert ((t["token_labels"] != IGNORE_INDEX).sum(1) > (paper["token_labels"] != IGNORE_INDEX).sum(1))[later].all()
+
+
 @pytest.mark.parametrize("p_error", [0.0, 0.3, 1.0])
 def test_rate_of_examples_with_pseudo_errors_is_p_error(p_error):
     _, _, stages, t = make_tuples(16, 4, batch=4000, p_error=p_error, seed=3)
@@ -164,5 +182,7 @@ def test_tuples_reject_bad_arguments():
         build_stage_tuples(codes, ranks, torch.tensor([0, 1]), 4, MASK, K)
     with pytest.raises(ValueError, match="p_error"):
         build_stage_tuples(codes, ranks, torch.tensor([1, 1]), 4, MASK, K, p_error=1.5)
+    with pytest.raises(ValueError, match="token_loss_positions"):
+        build_stage_tuples(codes, ranks, torch.tensor([1, 1]), 4, MASK, K, token_loss_positions="all")
     with pytest.raises(ValueError, match="codes and ranks"):
         build_stage_tuples(codes, ranks[:, :8], torch.tensor([1, 1]), 4, MASK, K)

@@ -1,0 +1,697 @@
+"""Progressive Denoising Model (PDM): a T5 text encoder, a bidirectional decoder over VQ codes, a token head and a
+state head (keep / generate / replace), and the staged generation of section 3.
+
+Read top to bottom: building blocks (attention, decoder layer, decoder), the pretrained base class, then
+`PDMForTextToImage` with its output dataclasses, `forward` and `generate`.
+"""
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, PreTrainedModel, T5EncoderModel
+from transformers import initialization as init
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, logging
+
+from .configuration_pdm import ORDERS, STATE_GENERATE, STATE_KEEP, STATE_REPLACE, PDMConfig
+from .ordering import (
+    IGNORE_INDEX,
+    Generators,
+    cumulative_schedule,
+    is_fixed_order,
+    order_scores,
+    rand,
+    scores_to_ranks,
+)
+
+logger = logging.get_logger(__name__)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scaling: float,
+    dropout: float = 0.0,
+    is_causal: bool = False,
+    **kwargs,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention written out (`attn_implementation="eager"`), with the arguments of transformers' `AttentionInterface`.
+
+    Args:
+        query: (batch, heads, Q, head_dim); key, value: (batch, heads, S, head_dim).
+        attention_mask: boolean, broadcastable to (batch, heads, Q, S), True where a key may be attended to.
+        is_causal: query i attends to keys 0..i only (the autoregressive baseline's training pass, Q = S).
+
+    Returns:
+        The output (batch, Q, heads, head_dim) and the attention weights (batch, heads, Q, S).
+    """
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if is_causal:
+        causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+        attention_mask = causal if attention_mask is None else attention_mask & causal
+    if attention_mask is not None:
+        attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class PDMAttention(nn.Module):
+    """Multi-head attention for self- and cross-attention, through `config._attn_implementation` (`"sdpa"`, the
+    default, or `"eager"`).
+
+    Queries come from `hidden_states` (batch, L, hidden); keys and values from `key_value_states`
+    (batch, S, kv_dim) or from precomputed `(key, value)`, each (batch, heads, S, head_dim).
+    `attention_mask` is a boolean (batch, S) mask, True where a key may be attended to.
+    """
+
+    def __init__(self, config: PDMConfig, kv_dim: int):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        # Bidirectional: SDPA would otherwise treat an unmasked self-attention as causal. The autoregressive baseline
+        # asks for causal attention per call (`attend(..., is_causal=True)`).
+        self.is_causal = False
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(kv_dim, config.hidden_size)
+        self.v_proj = nn.Linear(kv_dim, config.hidden_size)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def project_key_value(self, key_value_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self._split_heads(self.k_proj(key_value_states)), self._split_heads(self.v_proj(key_value_states))
+
+    def attend(self, query, key, value, attention_mask=None, is_causal=False) -> torch.Tensor:
+        """(batch, Q, hidden): the output projection of attention of `query` (batch, heads, Q, head_dim) over `key`
+        and `value` (batch, heads, S, head_dim); `attention_mask` boolean, broadcastable to (batch, heads, Q, S)."""
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, _ = attention_interface(
+            self, query, key, value, attention_mask, dropout=self.dropout if self.training else 0.0,
+            scaling=self.scaling, is_causal=is_causal,
+        )
+        return self.o_proj(attn_output.flatten(2))
+
+    def forward(self, hidden_states, key_value_states=None, key_value=None, attention_mask=None):
+        if key_value is None:
+            key_value = self.project_key_value(hidden_states if key_value_states is None else key_value_states)
+        key, value = key_value
+        query = self._split_heads(self.q_proj(hidden_states))
+        mask = None if attention_mask is None else attention_mask[:, None, None, :]
+        return self.attend(query, key, value, mask)
+
+
+class PDMDecoderLayer(nn.Module):
+    """Pre-norm decoder layer: bidirectional self-attention (no causal mask), cross-attention to the text, MLP."""
+
+    def __init__(self, config: PDMConfig):
+        super().__init__()
+        hidden, eps = config.hidden_size, config.layer_norm_eps
+        self.self_attn_norm = nn.LayerNorm(hidden, eps=eps)
+        self.self_attn = PDMAttention(config, kv_dim=hidden)
+        self.cross_attn_norm = nn.LayerNorm(hidden, eps=eps)
+        self.cross_attn = PDMAttention(config, kv_dim=config.text_config.d_model)
+        self.mlp_norm = nn.LayerNorm(hidden, eps=eps)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden, config.intermediate_size),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(config.intermediate_size, hidden),
+        )
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden_states, text_key_value, text_mask, self_attention=None):
+        """`self_attention(attn, normed_states)`, when given, replaces the bidirectional self-attention: the
+        autoregressive baseline passes its causal and KV-cached versions and so shares these weights and this code."""
+        normed = self.self_attn_norm(hidden_states)
+        attended = self.self_attn(normed) if self_attention is None else self_attention(self.self_attn, normed)
+        hidden_states = hidden_states + self.dropout(attended)
+        hidden_states = hidden_states + self.dropout(
+            self.cross_attn(self.cross_attn_norm(hidden_states), key_value=text_key_value, attention_mask=text_mask)
+        )
+        return hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
+
+
+class PDMDecoder(nn.Module):
+    """Image-token decoder: code embedding + 2-D position embedding, `num_hidden_layers` layers, final norm.
+
+    The 2-D position is a learned row embedding plus a learned column embedding, so the decoder knows where on
+    the (h, w) grid each code lies.
+    """
+
+    def __init__(self, config: PDMConfig):
+        super().__init__()
+        self.grid = config.token_grid_size
+        hidden = config.hidden_size
+        self.code_embedding = nn.Embedding(config.codebook_size + 1, hidden)  # + [MASK]
+        self.row_embedding = nn.Embedding(self.grid[0], hidden)
+        self.column_embedding = nn.Embedding(self.grid[1], hidden)
+        self.layers = nn.ModuleList(PDMDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+
+    def position_embedding(self) -> torch.Tensor:
+        """(L, hidden) embedding of every grid position in raster order."""
+        rows = self.row_embedding.weight[:, None, :]
+        columns = self.column_embedding.weight[None, :, :]
+        return (rows + columns).flatten(0, 1)
+
+    def text_key_values(self, text_states: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Cross-attention keys and values of every layer; computed once per prompt, reused at every stage."""
+        return [layer.cross_attn.project_key_value(text_states) for layer in self.layers]
+
+    def forward(self, image_tokens, text_key_values, text_mask, self_attention=None):
+        hidden_states = self.code_embedding(image_tokens) + self.position_embedding()
+        for layer, key_value in zip(self.layers, text_key_values):
+            if self.gradient_checkpointing and self.training:
+                hidden_states = self._gradient_checkpointing_func(
+                    layer.__call__, hidden_states, key_value, text_mask, self_attention
+                )
+            else:
+                hidden_states = layer(hidden_states, key_value, text_mask, self_attention)
+        return self.norm(hidden_states)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling (shared with the autoregressive baseline)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_sampling_arguments(codebook_size, temperature, top_k, top_p, guidance_scale, num_images_per_prompt):
+    """ValueError naming the first bad sampling argument (each message starts with the argument's name)."""
+    if not _is_finite_number(temperature) or not temperature > 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool)
+                              or not 1 <= top_k <= codebook_size):
+        raise ValueError(f"top_k must be an integer between 1 and codebook_size {codebook_size}, got {top_k!r}")
+    if top_p is not None and (not _is_finite_number(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if not _is_finite_number(guidance_scale) or not guidance_scale >= 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+
+
+def check_generate_arguments(config, num_stages, order, temperature=1.0, top_k=None, top_p=None, guidance_scale=1.0,
+                             num_images_per_prompt=1, max_replacements=None):
+    """The checks of [`PDMForTextToImage.generate`] that need only the model's config, so that a caller (the `pdm`
+    command) can run them before loading any weights. ValueError naming the first bad argument."""
+    num_tokens = config.num_image_tokens
+    if not isinstance(num_stages, int) or isinstance(num_stages, bool) or not 1 <= num_stages <= num_tokens:
+        raise ValueError(f"num_stages must be an integer between 1 and L = {num_tokens}, got {num_stages!r}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    check_sampling_arguments(config.codebook_size, temperature, top_k, top_p, guidance_scale, num_images_per_prompt)
+    if max_replacements is not None and (not isinstance(max_replacements, int) or max_replacements < 0):
+        raise ValueError(f"max_replacements must be None or an integer >= 0, got {max_replacements!r}")
+
+
+def filter_logits(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:
+    """`logits` (..., K) with everything outside the top-k / the nucleus of mass top-p set to -inf."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_index = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        remove = probs.cumsum(-1) - probs >= top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(remove.scatter(-1, sorted_index, remove), float("-inf"))
+    return logits
+
+
+def gumbel_argmax(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """argmax of `logits` (..., K) plus Gumbel(0, 1) noise made from `uniform` [0, 1) numbers of the same shape:
+    a draw from softmax(logits)."""
+    exponential = -torch.log(uniform.clamp(min=1e-20))  # Exp(1); -log of it is Gumbel(0, 1)
+    return (logits - torch.log(exponential.clamp(min=1e-20))).argmax(-1)
+
+
+def sample_codes(logits, temperature, top_k, top_p, generator: Generators) -> torch.Tensor:
+    """(batch, n) codes drawn from `logits` (batch, n, K) by the Gumbel-max trick, with noise per example."""
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    return gumbel_argmax(logits, rand(logits.shape, generator, logits.device))
+
+
+def rand_rows(counts: torch.Tensor, width: int, generator: Generators, device) -> torch.Tensor:
+    """(sum(counts), width) uniform [0, 1) numbers: `counts[b]` rows for example b, in example order.
+
+    With one generator per example, example b's rows come from generator b alone, so an example draws the same
+    numbers in a batch as on its own.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        return rand((int(counts.sum()), width), generator, device)
+    return torch.cat([rand((int(count), width), g, device) for count, g in zip(counts.tolist(), generator)])
+
+
+def sample_codes_at(logits: torch.Tensor, rows: torch.Tensor, batch_size: int, temperature, top_k, top_p,
+                    generator: Generators) -> torch.Tensor:
+    """(n,) codes drawn from `logits` (n, K), the logits of n chosen positions, by the Gumbel-max trick.
+
+    `rows` (n,) says which example each position belongs to, in example order (as `nonzero` lists them): noise is
+    drawn for these positions only, per example as `rand_rows` does, not for every position of every image.
+    """
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    counts = torch.bincount(rows, minlength=batch_size)
+    return gumbel_argmax(logits, rand_rows(counts, logits.shape[-1], generator, logits.device))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pretrained base class
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class PDMPreTrainedModel(PreTrainedModel):
+    config_class = PDMConfig
+    # The image-token decoder is the body that the heads sit on (`model.base_model`), shared by PDM and the
+    # autoregressive baseline; the T5 text encoder is a `PreTrainedModel` of its own.
+    base_model_prefix = "decoder"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["PDMDecoderLayer", "T5Block"]
+    _supports_sdpa = True
+    _generation_step = "decode"  # the method `generate` calls once per stage (PDM) or per code (AR)
+
+    def _init_weights(self, module):
+        """N(0, `initializer_range`) for linear layers and embeddings, zero biases, LayerNorms at the identity.
+
+        Applied to the decoder and the heads; transformers initializes the T5 text encoder with T5's own rule.
+        """
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+    def _freeze_text_encoder(self):
+        """No gradients for the T5 encoder when `config.freeze_text_encoder` (the paper's setting)."""
+        if self.config.freeze_text_encoder:
+            self.text_encoder.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # transformers 5 loads every weight as a new `nn.Parameter` with requires_grad=True, which undoes the freezing
+        # done in `__init__`: freeze again, so that no training loop trains a frozen text encoder by accident.
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
+        model._freeze_text_encoder()
+        return loaded
+
+    def compile_generation(self, mode: Optional[str] = None, **compile_kwargs):
+        """Compile the decoder pass that `generate` repeats (the fast path); returns the model.
+
+        Every stage runs the same kernels on tensors of the same shapes (the text keys and values are computed once
+        per call), so one compiled graph serves a whole `generate` call. On CUDA the default mode is
+        `"reduce-overhead"`, which also replays the graph as a CUDA graph. Sampling and position selection stay
+        eager, so the codes for given seeds are the plain path's up to floating-point reassociation.
+        `compile_kwargs` go to `torch.compile`; `model.compile_generation(mode=None)` on CPU uses inductor's default.
+        """
+        if mode is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        self._compiled_step = torch.compile(getattr(self, self._generation_step), mode=mode, **compile_kwargs)
+        return self
+
+    def _generation_step_fn(self):
+        return self.__dict__.get("_compiled_step") or getattr(self, self._generation_step)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PDMOutput(ModelOutput):
+    """Output of [`PDMForTextToImage.forward`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): `token_loss + state_loss` over the labels given.
+        token_loss (`torch.FloatTensor` of shape `()`): cross-entropy of the codes at positions with a token label.
+        state_loss (`torch.FloatTensor` of shape `()`): cross-entropy of the states keep / generate / replace.
+        token_logits (`torch.FloatTensor` of shape `(batch, L, codebook_size)`): scores of every code.
+        state_logits (`torch.FloatTensor` of shape `(batch, L, 3)`): scores of keep / generate / replace.
+    """
+
+    loss: Optional[torch.FloatTensor] = None
+    token_loss: Optional[torch.FloatTensor] = None
+    state_loss: Optional[torch.FloatTensor] = None
+    token_logits: Optional[torch.FloatTensor] = None
+    state_logits: Optional[torch.FloatTensor] = None
+
+
+@dataclass
+class PDMGenerateOutput(ModelOutput):
+    """Output of [`PDMForTextToImage.generate`] with `return_stages=True`.
+
+    Args:
+        codes (`torch.LongTensor` of shape `(batch, L)`): the final codes.
+        stages (`torch.LongTensor` of shape `(batch, num_stages, L)`): the codes after every stage, `[MASK]`
+            (= `codebook_size`) where nothing was generated yet.
+        replaced (`torch.LongTensor` of shape `(batch, num_stages)`): how many already generated codes each stage
+            chose to replace (error recovering, section 3.3); a replaced code may be redrawn as the same code.
+    """
+
+    codes: Optional[torch.LongTensor] = None
+    stages: Optional[torch.LongTensor] = None
+    replaced: Optional[torch.LongTensor] = None
+
+
+class PDMForTextToImage(PDMPreTrainedModel):
+    """Text-to-image Progressive Denoising Model.
+
+    Inputs of `forward`:
+        input_ids (`torch.LongTensor` of shape `(batch, S)`): T5 token ids of the prompt.
+        attention_mask (`torch.LongTensor` of shape `(batch, S)`): 1 on prompt tokens, 0 on padding.
+        image_tokens (`torch.LongTensor` of shape `(batch, L)`): Y^{t-1}, codes in `[0, K)` or `[MASK]` = K.
+        token_labels (`torch.LongTensor` of shape `(batch, L)`, *optional*): target codes, -100 where ignored.
+        state_labels (`torch.LongTensor` of shape `(batch, L)`, *optional*): target states 0 keep, 1 generate,
+            2 replace (the paper's -1), -100 where ignored.
+        encoder_hidden_states (`torch.FloatTensor` of shape `(batch, S, d_model)`, *optional*): cached T5 states,
+            used instead of running the text encoder.
+    """
+
+    def __init__(self, config: PDMConfig):
+        super().__init__(config)
+        self.text_encoder = T5EncoderModel(config.text_config)
+        self.decoder = PDMDecoder(config)
+        self.token_head = nn.Linear(config.hidden_size, config.codebook_size)
+        self.state_head = nn.Linear(config.hidden_size, 3)
+        self.post_init()
+        self._freeze_text_encoder()
+
+    @classmethod
+    def from_text_encoder_pretrained(cls, name_or_path: str, **config_overrides) -> "PDMForTextToImage":
+        """A fresh PDM whose text encoder is the pretrained T5 encoder at `name_or_path` (folder or Hub id).
+
+        `config_overrides` set the other `PDMConfig` fields (decoder sizes, codebook, grid, ...).
+        """
+        text_encoder = T5EncoderModel.from_pretrained(name_or_path)
+        config = PDMConfig(text_config=text_encoder.config.to_dict(), **config_overrides)
+        model = cls(config)
+        model.text_encoder.load_state_dict(text_encoder.state_dict())
+        return model
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.freeze_text_encoder:
+            self.text_encoder.eval()  # a frozen encoder also keeps its dropout off
+        return self
+
+    # -- pieces shared by forward and generate -------------------------------------------------------------------
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(batch, S, d_model) T5 states of the prompt; without gradients when the encoder is frozen."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_text_encoder):
+            return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def decode(self, image_tokens, text_key_values, text_mask) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Token logits (batch, L, K) and state logits (batch, L, 3) of one decoder pass."""
+        hidden_states = self.decoder(image_tokens, text_key_values, text_mask)
+        return self.token_head(hidden_states), self.state_head(hidden_states)
+
+    def _check_image_tokens(self, image_tokens: torch.Tensor):
+        expected = self.config.num_image_tokens
+        if image_tokens.dim() != 2 or image_tokens.shape[1] != expected:
+            raise ValueError(
+                f"image_tokens must have shape (batch, {expected}) for token_grid_size {self.config.token_grid_size}, "
+                f"got {tuple(image_tokens.shape)}"
+            )
+        low, high = int(image_tokens.min()), int(image_tokens.max())
+        if low < 0 or high > self.config.mask_token_id:
+            raise ValueError(
+                f"image_tokens must lie in [0, {self.config.mask_token_id}] (codes 0..K-1 and [MASK] = K), "
+                f"got values in [{low}, {high}]"
+            )
+
+    # -- training ------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.LongTensor] = None,
+        image_tokens: Optional[torch.LongTensor] = None,
+        token_labels: Optional[torch.LongTensor] = None,
+        state_labels: Optional[torch.LongTensor] = None,
+        encoder_hidden_states: Optional[torch.FloatTensor] = None,
+        return_dict: Optional[bool] = None,
+    ):
+        if image_tokens is None:
+            raise ValueError("image_tokens is required: the codes Y^{t-1} of shape (batch, L)")
+        if encoder_hidden_states is None:
+            if input_ids is None:
+                raise ValueError("pass either input_ids or encoder_hidden_states")
+            encoder_hidden_states = self.encode_text(input_ids, attention_mask)
+        self._check_image_tokens(image_tokens)
+        if attention_mask is None:
+            attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=encoder_hidden_states.device)
+        text_mask = attention_mask.bool()
+        token_logits, state_logits = self.decode(
+            image_tokens, self.decoder.text_key_values(encoder_hidden_states), text_mask
+        )
+
+        token_loss = state_loss = loss = None
+        if token_labels is not None:
+            token_loss = F.cross_entropy(
+                token_logits.flatten(0, 1).float(), token_labels.flatten(), ignore_index=IGNORE_INDEX
+            )
+        if state_labels is not None:
+            state_loss = F.cross_entropy(
+                state_logits.flatten(0, 1).float(), state_labels.flatten(), ignore_index=IGNORE_INDEX
+            )
+        losses = [x for x in (token_loss, state_loss) if x is not None]
+        if losses:
+            loss = sum(losses)
+        output = PDMOutput(
+            loss=loss, token_loss=token_loss, state_loss=state_loss, token_logits=token_logits, state_logits=state_logits
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    # -- generation (section 3.1, eq. 4; error recovering of section 3.3) ----------------------------------------
+
+    def _check_generate_arguments(self, input_ids, num_stages, order, temperature, top_k, top_p, guidance_scale,
+                                  num_images_per_prompt, max_replacements):
+        if input_ids is None or input_ids.dim() != 2 or input_ids.shape[0] == 0:
+            raise ValueError("input_ids must be a non-empty (batch, S) tensor of prompt token ids")
+        check_generate_arguments(self.config, num_stages, order, temperature, top_k, top_p, guidance_scale,
+                                 num_images_per_prompt, max_replacements)
+
+    def _unconditional_input(self, batch_size, negative_input_ids, negative_attention_mask, device):
+        """Token ids of the unconditional prompt: `negative_input_ids` or the empty prompt (T5's lone `</s>`)."""
+        if negative_input_ids is None:
+            eos = self.config.text_config.eos_token_id
+            ids = torch.full((batch_size, 1), eos, dtype=torch.long, device=device)
+            return ids, torch.ones_like(ids)
+        if negative_input_ids.shape[0] not in (1, batch_size):
+            raise ValueError(
+                f"negative_input_ids has {negative_input_ids.shape[0]} rows but there are {batch_size} prompts: "
+                "pass one negative prompt or one per prompt"
+            )
+        if negative_attention_mask is None:
+            negative_attention_mask = torch.ones_like(negative_input_ids)
+        return (negative_input_ids.expand(batch_size, -1).to(device),
+                negative_attention_mask.expand(batch_size, -1).to(device))
+
+    def _prepare_text(self, input_ids, attention_mask, guidance_scale, negative_input_ids, negative_attention_mask,
+                      num_images_per_prompt, generator):
+        """Number of images, cross-attention keys/values of every layer and the text mask, computed once per call.
+
+        With guidance the unconditional prompts follow the conditional ones along the batch.
+        """
+        if negative_input_ids is not None and guidance_scale == 1.0:
+            logger.warning("negative_input_ids are ignored at guidance_scale 1.0 (no guidance): pass "
+                           "guidance_scale > 1 to guide away from them")
+        device = self.device
+        input_ids = input_ids.to(device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        negative = self._unconditional_input(input_ids.shape[0], negative_input_ids, negative_attention_mask, device)
+        if num_images_per_prompt > 1:
+            input_ids, attention_mask = (x.repeat_interleave(num_images_per_prompt, 0) for x in (input_ids, attention_mask))
+            negative = tuple(x.repeat_interleave(num_images_per_prompt, 0) for x in negative)
+        batch_size = input_ids.shape[0]
+        if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != batch_size:
+            raise ValueError(
+                f"got {len(generator)} generators for {batch_size} images (prompts x num_images_per_prompt): "
+                "pass one generator or one per image"
+            )
+        text_states, text_mask = self._encode_prompts(input_ids, attention_mask, negative, guidance_scale != 1.0)
+        return batch_size, self.decoder.text_key_values(text_states), text_mask
+
+    def _encode_prompts(self, input_ids, attention_mask, negative, use_guidance):
+        """Text states and mask of the prompts, with the unconditional prompts appended when guiding."""
+        states = self.encode_text(input_ids, attention_mask)
+        mask = attention_mask.bool()
+        if not use_guidance:
+            return states, mask
+        uncond_states = self.encode_text(*negative)
+        uncond_mask = negative[1].bool()
+        length = max(states.shape[1], uncond_states.shape[1])
+        pad = lambda x: F.pad(x, (0, 0, 0, length - x.shape[1])) if x.dim() == 3 else F.pad(x, (0, length - x.shape[1]))
+        return torch.cat([pad(states), pad(uncond_states)]), torch.cat([pad(mask), pad(uncond_mask)])
+
+    @staticmethod
+    def _select(scores: torch.Tensor, candidates: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """(batch, L) bool: the `count` candidates with the highest score (fewer if fewer are candidates).
+
+        Ranking all L positions instead of `topk(count)` keeps every tensor the same shape at every stage.
+        """
+        scores = scores.masked_fill(~candidates, float("-inf"))
+        return (scores_to_ranks(-scores) < count) & candidates
+
+    @classmethod
+    def choose_replacements(cls, state_logits: torch.Tensor, candidates: torch.Tensor, count) -> torch.Tensor:
+        """(batch, L) bool: the error-recovering choice (section 3.3) among `candidates` (batch, L).
+
+        A candidate is replaced when the state head calls it "replace" rather than "keep" (p(replace) > p(keep));
+        at most `count` per row (an int or a tensor), the most confident first.
+        """
+        margin = state_logits[..., STATE_REPLACE] - state_logits[..., STATE_KEEP]
+        return cls._select(margin, candidates & (margin > 0), torch.as_tensor(count, device=margin.device))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: Optional[torch.LongTensor] = None,
+        num_stages: Optional[int] = None,
+        order: Optional[str] = None,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        guidance_scale: float = 1.0,
+        negative_input_ids: Optional[torch.LongTensor] = None,
+        negative_attention_mask: Optional[torch.LongTensor] = None,
+        num_images_per_prompt: int = 1,
+        generator: Generators = None,
+        return_stages: bool = False,
+        max_replacements: Optional[int] = None,
+        callback_on_stage_end: Optional[Callable[[int, torch.Tensor], None]] = None,
+    ):
+        """Generate image codes from prompts in `num_stages` stages (section 3.1).
+
+        Starts from all `[MASK]`; each stage runs the decoder once, then
+        - picks the masked positions to generate (their number follows `stage_schedule`): by the state head's
+          "generate" probability for orders the model was trained on, by the fixed rule for `raster` / `random`;
+        - picks already generated positions to replace: those the state head calls "replace" rather than "keep",
+          most confident first, never more than were generated in the stage before (nor `max_replacements`;
+          `max_replacements=0` turns error recovering off);
+        - samples codes for all of them in parallel (temperature, `top_k`, `top_p`, classifier-free guidance).
+
+        Args:
+            input_ids, attention_mask: (batch, S) prompt token ids and mask.
+            num_stages: T in `1..L`; defaults to `config.num_stages`.
+            order: `raster`, `random`, `quant-error`, `reverse-quant-error` or `learned`; defaults to the order the
+                model was trained on (`config.training_order`).
+            guidance_scale: > 1 mixes `uncond + scale * (cond - uncond)`; the unconditional prompt is the empty
+                prompt or `negative_input_ids` (one row, or one per prompt).
+            num_images_per_prompt: images per prompt; the output has batch * num_images_per_prompt rows.
+            generator: a `torch.Generator`, or one per output row (a batch then equals its rows one by one).
+            return_stages: also return the codes after every stage and how many codes each stage replaced.
+            callback_on_stage_end: called as `fn(stage_index, codes)` after every stage.
+
+        Returns:
+            `torch.LongTensor` of shape (batch * num_images_per_prompt, L), or a [`PDMGenerateOutput`] with the
+            codes, the stages and the replacement counts when `return_stages=True`.
+        """
+        num_stages = self.config.num_stages if num_stages is None else num_stages
+        order = self.config.training_order if order is None else order
+        self._check_generate_arguments(input_ids, num_stages, order, temperature, top_k, top_p, guidance_scale,
+                                       num_images_per_prompt, max_replacements)
+        device, num_tokens = self.device, self.config.num_image_tokens
+        batch_size, text_key_values, text_mask = self._prepare_text(
+            input_ids, attention_mask, guidance_scale, negative_input_ids, negative_attention_mask,
+            num_images_per_prompt, generator,
+        )
+        fixed_ranks = None
+        if is_fixed_order(order):
+            fixed_ranks = scores_to_ranks(order_scores(order, batch_size, num_tokens, generator=generator, device=device))
+        cumulative = cumulative_schedule(num_tokens, num_stages, device)
+        limit = num_tokens if max_replacements is None else max_replacements
+
+        codes = torch.full((batch_size, num_tokens), self.config.mask_token_id, dtype=torch.long, device=device)
+        stages, replaced = [], []
+        for stage in range(num_stages):
+            codes, replace = self._stage_step(
+                codes, stage, cumulative, limit, fixed_ranks, text_key_values, text_mask, guidance_scale,
+                temperature, top_k, top_p, generator,
+            )
+            if return_stages:
+                stages.append(codes)
+                replaced.append(replace.sum(-1))
+            if callback_on_stage_end is not None:
+                callback_on_stage_end(stage, codes)
+        if return_stages:
+            return PDMGenerateOutput(codes=codes, stages=torch.stack(stages, dim=1), replaced=torch.stack(replaced, 1))
+        return codes
+
+    def _stage_step(self, codes, stage, cumulative, limit, fixed_ranks, text_key_values, text_mask, guidance_scale,
+                    temperature, top_k, top_p, generator):
+        """One stage: Y^t -> Y^{t+1}, and the (batch, L) positions it replaced.
+
+        The decoder pass keeps the same shapes at every stage (one compiled graph serves them all); guidance and
+        sampling then work on the positions this stage writes only, not on all (batch, L, K) logits.
+        """
+        use_guidance = guidance_scale != 1.0
+        decoder_input = torch.cat([codes, codes]) if use_guidance else codes
+        token_logits, state_logits = self._generation_step_fn()(decoder_input, text_key_values, text_mask)
+        if use_guidance:
+            state_logits = state_logits.chunk(2)[0]
+        state_logits = state_logits.float()
+
+        masked = codes == self.config.mask_token_id
+        num_generate = cumulative[stage + 1] - cumulative[stage]
+        if fixed_ranks is not None:
+            generate = (fixed_ranks >= cumulative[stage]) & (fixed_ranks < cumulative[stage + 1])
+        else:
+            # Ranked by p(generate) (section 3.1): the raw logit would ignore how strongly keep or replace compete.
+            generate = self._select(state_logits.log_softmax(-1)[..., STATE_GENERATE], masked, num_generate)
+        # Bound of section 3.1: no more replacements than codes generated in the stage before.
+        generated_last_stage = cumulative[stage] - cumulative[max(stage - 1, 0)]
+        num_replace = torch.clamp(generated_last_stage, max=limit)
+        replace = self.choose_replacements(state_logits, ~masked, num_replace)
+
+        rows, positions = (generate | replace).nonzero(as_tuple=True)  # example order, as `sample_codes_at` needs
+        if use_guidance:
+            cond, uncond = token_logits.chunk(2)
+            cond, uncond = cond[rows, positions].float(), uncond[rows, positions].float()
+            chosen_logits = uncond + guidance_scale * (cond - uncond)
+        else:
+            chosen_logits = token_logits[rows, positions]
+        codes = codes.clone()  # the codes of the stage before stay as they were (`return_stages` keeps them)
+        codes[rows, positions] = sample_codes_at(chosen_logits, rows, codes.shape[0], temperature, top_k, top_p,
+                                                 generator)
+        return codes, replace
+
+
+# Register with the Auto classes when imported as part of the package. A copy saved beside a model and loaded with
+# `trust_remote_code` is registered by transformers itself.
+if __name__.startswith("progressive_denoising."):
+    AutoModel.register(PDMConfig, PDMForTextToImage, exist_ok=True)
+    # Saved folders carry the model code and an `auto_map`, so people without this package can load them with
+    # `AutoModel.from_pretrained(folder_or_hub_id, trust_remote_code=True)`.
+    PDMForTextToImage.register_for_auto_class("AutoModel")

@@ -1,0 +1,205 @@
+"""transformers' conventions for PDMConfig, PDMForTextToImage and PDMARForTextToImage, and the training model card:
+a frozen text encoder stays frozen after loading, loading kwargs are checked like `__init__`'s, the base-model prefix
+names a submodule, the models initialize their own weights, and `attn_implementation` is honoured."""
+
+import dataclasses
+from typing import Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+from huggingface_hub import ModelCard
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+
+from progressive_denoising import PDMARForTextToImage, PDMConfig, PDMForTextToImage
+from progressive_denoising.modeling_pdm import PDMPreTrainedModel
+from training.utils import model_card
+
+from tiny import tiny_config
+
+MODEL_CLASSES = [PDMForTextToImage, PDMARForTextToImage]
+
+
+def make(model_class, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return model_class(tiny_config(config_class=model_class.config_class, **overrides)).eval()
+
+
+def trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def inputs(config, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, config.text_config.vocab_size, (2, 5), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, -1] = 0
+    image_tokens = torch.randint(0, config.codebook_size, (2, config.num_image_tokens), generator=g)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, image_tokens=image_tokens)
+
+
+# -- (a) a frozen text encoder after `from_pretrained` ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_class", MODEL_CLASSES)
+def test_frozen_text_encoder_stays_frozen_after_loading(model_class, tmp_path):
+    model = make(model_class)
+    assert 0 < trainable(model) < sum(p.numel() for p in model.parameters())
+    model.save_pretrained(tmp_path)
+    for loaded in (model_class.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path)):
+        assert not [name for name, p in loaded.text_encoder.named_parameters() if p.requires_grad]
+        assert trainable(loaded) == trainable(model)
+    loaded, loading_info = model_class.from_pretrained(tmp_path, output_loading_info=True)
+    assert trainable(loaded) == trainable(model) and not loading_info["missing_keys"]
+
+
+def test_unfrozen_text_encoder_is_trainable_after_loading(tmp_path):
+    model = make(PDMForTextToImage, freeze_text_encoder=False)
+    model.save_pretrained(tmp_path)
+    loaded = PDMForTextToImage.from_pretrained(tmp_path)
+    assert trainable(loaded) == sum(p.numel() for p in loaded.parameters())
+
+
+# -- (b) keyword arguments of `from_pretrained` go through the config's checks -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(num_stages=1000), "num_stages"),
+        (dict(training_order="zigzag"), "training_order"),
+        (dict(hidden_size=30), "hidden_size"),  # not divisible by the 4 heads
+    ],
+)
+def test_from_pretrained_overrides_are_checked_like_init(tmp_path, overrides, field):
+    tiny_config().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=field):
+        PDMConfig(**dict(tiny_config().to_dict(), **overrides))
+    for load in (PDMConfig.from_pretrained, AutoConfig.from_pretrained):
+        with pytest.raises(ValueError, match=field):
+            load(tmp_path, **overrides)
+
+
+def test_valid_from_pretrained_overrides_still_apply(tmp_path):
+    tiny_config().save_pretrained(tmp_path)
+    assert PDMConfig.from_pretrained(tmp_path, num_stages=2).num_stages == 2
+    config, unused = PDMConfig.from_pretrained(tmp_path, num_stages=3, not_a_field=1, return_unused_kwargs=True)
+    assert config.num_stages == 3 and unused == {"not_a_field": 1}
+
+
+# -- (c) the base-model prefix and the model's own weight initialization --------------------------------------------
+
+
+@pytest.mark.parametrize("model_class", MODEL_CLASSES)
+def test_base_model_prefix_names_the_decoder(model_class):
+    model = make(model_class)
+    assert model.base_model_prefix == "decoder"
+    assert model.base_model is model.decoder is getattr(model, model.base_model_prefix)
+
+
+def test_models_initialize_their_own_weights():
+    assert "_init_weights" in PDMPreTrainedModel.__dict__
+    assert PDMPreTrainedModel._init_weights is not PreTrainedModel._init_weights
+
+
+@pytest.mark.parametrize("model_class", MODEL_CLASSES)
+def test_init_weights_follow_initializer_range_and_leave_t5_its_own(model_class):
+    model = make(model_class, initializer_range=0.5, hidden_size=64, intermediate_size=128)
+    layer = model.decoder.layers[0]
+    for weight in (layer.self_attn.q_proj.weight, layer.mlp[0].weight, model.decoder.code_embedding.weight,
+                   model.token_head.weight):
+        assert abs(weight.std().item() - 0.5) < 0.1
+    assert torch.equal(layer.self_attn.q_proj.bias, torch.zeros_like(layer.self_attn.q_proj.bias))
+    assert torch.equal(model.decoder.norm.weight, torch.ones_like(model.decoder.norm.weight))
+    # T5's own rule: q ~ N(0, (d_model * d_kv) ** -0.5) = 0.0625 for the tiny T5, whatever `initializer_range` says
+    t5_query = model.text_encoder.encoder.block[0].layer[0].SelfAttention.q.weight
+    assert abs(t5_query.std().item() - 0.0625) < 0.02
+
+
+def test_weights_missing_from_a_checkpoint_get_the_models_initialization(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    make(PDMForTextToImage, initializer_range=0.5).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("state_head.")}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    loaded, info = PDMForTextToImage.from_pretrained(tmp_path, output_loading_info=True)
+    assert set(info["missing_keys"]) == {"state_head.weight", "state_head.bias"}
+    assert torch.equal(loaded.state_head.bias, torch.zeros(3))
+    assert 0.2 < loaded.state_head.weight.std().item() < 0.8
+
+
+# -- (d) `attn_implementation` -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_class", MODEL_CLASSES)
+def test_eager_attention_is_honoured(model_class, tmp_path, monkeypatch):
+    model = make(model_class)
+    model.save_pretrained(tmp_path)
+    batch = inputs(model.config)
+    eager = model_class.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert eager.config._attn_implementation == "eager"
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("scaled_dot_product_attention ran although attn_implementation='eager'")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(F, "scaled_dot_product_attention", no_sdpa)
+        eager_logits = eager(**batch).token_logits
+        eager.generate(batch["input_ids"], batch["attention_mask"], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(eager_logits, model(**batch).token_logits, atol=1e-5, rtol=1e-5)
+    # switched at run time, as transformers models are
+    model.set_attn_implementation("eager")
+    with monkeypatch.context() as patch:
+        patch.setattr(F, "scaled_dot_product_attention", no_sdpa)
+        torch.testing.assert_close(model(**batch).token_logits, eager_logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("attn_implementation", ["flash_attention_2", "flex_attention"])
+def test_unsupported_attention_implementations_are_refused(tmp_path, attn_implementation):
+    make(PDMForTextToImage).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="does not support"):
+        PDMForTextToImage.from_pretrained(tmp_path, attn_implementation=attn_implementation)
+
+
+def test_eager_causal_attention_matches_sdpa_on_the_autoregressive_baseline():
+    """The eager path writes the causal mask out; the cached generation must draw the same codes with it."""
+    sdpa, eager = make(PDMARForTextToImage), make(PDMARForTextToImage)
+    eager.set_attn_implementation("eager")
+    batch = inputs(sdpa.config)
+    with torch.no_grad():
+        torch.testing.assert_close(eager(**batch).token_logits, sdpa(**batch).token_logits, atol=1e-5, rtol=1e-5)
+    generated = [m.generate(batch["input_ids"], batch["attention_mask"], generator=torch.Generator().manual_seed(1))
+                 for m in (sdpa, eager)]
+    assert torch.equal(*generated)
+
+
+# -- (e) the model card written by training ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CardOptions:
+    dataset: Optional[str] = None
+    model_name_or_path: Optional[str] = None
+    text_encoder: Optional[str] = None
+
+
+def test_training_model_card_has_license_datasets_and_base_model():
+    options = CardOptions(dataset="someone/pdm-shapes", text_encoder="google-t5/t5-small")
+    card = ModelCard(model_card("PDM", options, {"loss": 1.0}, options.dataset, 10))
+    assert card.data.license == "apache-2.0"
+    assert card.data.datasets == ["someone/pdm-shapes"]
+    assert card.data.base_model == "google-t5/t5-small"
+    assert card.data.pipeline_tag == "text-to-image" and "pdm" in card.data.tags
+    # a PDM trained further names that PDM rather than its text encoder
+    options = CardOptions(dataset="someone/pdm-shapes", model_name_or_path="someone/pdm", text_encoder="t5-small")
+    assert ModelCard(model_card("PDM", options, {}, options.dataset, 10)).data.base_model == "someone/pdm"
+
+
+def test_training_model_card_names_local_folders_in_the_text_only(tmp_path):
+    options = CardOptions(dataset=str(tmp_path), model_name_or_path=str(tmp_path))
+    card = ModelCard(model_card("PDM", options, {}, options.dataset, 10))
+    assert card.data.license == "apache-2.0"
+    assert card.data.datasets is None and card.data.base_model is None
+    assert str(tmp_path) in card.text
