@@ -20,7 +20,6 @@ Some (colour, shape) pairs (``HELD_OUT_PAIRS``) never appear in train or validat
 to measure composition.
 """
 
-import argparse
 import re
 
 import numpy as np
@@ -137,8 +136,13 @@ def _placements_in_region(region, side, image_size):
 
 def _sample_one_object_scene(rng, size, pairs):
     colour, shape, size_name = _sample_attributes(rng, pairs)
-    side = object_side(size_name, size)
     region = REGIONS[rng.integers(len(REGIONS))] if rng.random() < REGION_PROBABILITY else None
+    return _place_one_object(rng, size, (colour, shape, size_name), region)
+
+
+def _place_one_object(rng, size, attributes, region):
+    colour, shape, size_name = attributes
+    side = object_side(size_name, size)
     if region is None:
         x0, y0 = rng.integers(0, size - side + 1, size=2)
     else:
@@ -157,6 +161,10 @@ def boxes_overlap(first_box, second_box, gap=0):
 def _sample_two_object_scene(rng, size, pairs):
     relation = RELATIONS[rng.integers(len(RELATIONS))]
     attributes = [_sample_attributes(rng, pairs) for _ in range(2)]
+    return _place_two_objects(rng, size, attributes, relation)
+
+
+def _place_two_objects(rng, size, attributes, relation):
     sides = [object_side(size_name, size) for _, _, size_name in attributes]
     for _ in range(MAX_TRIES):
         corners = [rng.integers(0, size - side + 1, size=2) for side in sides]
@@ -206,6 +214,21 @@ def sample_scene(rng, size=64, allowed_pairs=None):
     if rng.random() < ONE_OBJECT_PROBABILITY:
         return _sample_one_object_scene(rng, size, pairs)
     return _sample_two_object_scene(rng, size, pairs)
+
+
+def sample_scene_for_caption(rng, caption, size=64):
+    """A new scene that satisfies a grammar caption: what a perfect text-to-image model could draw for it.
+
+    The objects get the caption's attributes; positions are drawn as ``sample_scene`` draws them, under the caption's
+    region or relation. Rendering such scenes for a set of test captions gives the best FID and alignment a generator
+    of new images can reach (scenes differ from the test images in where the objects lie, not in what they are).
+    """
+    size = _check_size(size)
+    parsed = parse_caption(caption)
+    attributes = [(obj["colour"], obj["shape"], obj["size"]) for obj in parsed["objects"]]
+    if len(attributes) == 1:
+        return _place_one_object(rng, size, attributes[0], parsed["region"])
+    return _place_two_objects(rng, size, attributes, parsed["relation"])
 
 
 def _object_mask(obj, size):
@@ -377,29 +400,8 @@ def make_shapes_dataset(num_train, seed, size=64, num_validation=None, num_test=
     })
 
 
-def _parser(prog):
-    parser = argparse.ArgumentParser(prog=prog, description="Render the PDM-Shapes synthetic data set and save it "
-                                     "with datasets' save_to_disk.")
-    parser.add_argument("--out", required=True, help="output folder (datasets.load_from_disk reads it back)")
-    parser.add_argument("--num-train", type=int, required=True, help="number of training examples")
-    parser.add_argument("--seed", type=int, required=True, help="random seed; the same seed gives the same data")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
-    parser.add_argument("--num-validation", type=int, default=None, help="default: num-train // 10")
-    parser.add_argument("--num-test", type=int, default=None, help="default: num-train // 10")
-    return parser
-
-
 def main(argv=None, prog=None):
-    """`pdm make-shapes --out DIR --num-train N --seed S [--size 64] [--num-validation N] [--num-test N]`."""
-    parser = _parser(prog)
-    args = parser.parse_args(argv)
-    for name in ("num_train", "num_validation", "num_test"):
-        # datasets cannot load back a saved split with no rows.
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    dataset = make_shapes_dataset(args.num_train, args.seed, size=args.size, num_validation=args.num_validation,
-                                  num_test=args.num_test)
-    dataset.save_to_disk(args.out)
-    sizes = ", ".join(f"{split} {len(dataset[split])}" for split in dataset)
-    print(f"wrote PDM-Shapes ({args.size}x{args.size}, seed {args.seed}; {sizes}) to {args.out}")
-    return 0
+    """`pdm make-shapes`; the command line lives in `progressive_denoising.commands.make_shapes`."""
+    from .commands.make_shapes import main as command_main
+
+    return command_main(argv, prog=prog or "pdm make-shapes")

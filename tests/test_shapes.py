@@ -159,3 +159,22 @@ def test_make_shapes_command(tmp_path):
 def test_make_shapes_command_rejects_empty_splits(tmp_path):
     with pytest.raises(SystemExit):
         shapes.main(["--out", str(tmp_path / "x"), "--num-train", "0", "--seed", "1"])
+
+
+def test_scenes_for_a_caption_satisfy_it_and_differ_in_placement():
+    captions = list(shapes.make_shapes_dataset(1, seed=3, size=32, num_validation=1, num_test=100)["test"]["caption"])
+    rng = np.random.default_rng(0)
+    scenes = [shapes.sample_scene_for_caption(rng, caption, 32) for caption in captions]
+    assert [shapes.caption_for(scene) for scene in scenes] == captions
+    for scene in scenes:
+        objects = scene["objects"]
+        if scene["relation"]:
+            first, second = (obj["center"] for obj in objects)
+            assert shapes.relation_holds(scene["relation"], first, second, 32)
+            assert not shapes.boxes_overlap(objects[0]["box"], objects[1]["box"], gap=shapes.GAP)
+        elif scene["region"]:
+            assert shapes.region_of(objects[0]["center"], 32) == scene["region"]
+    again = [shapes.sample_scene_for_caption(np.random.default_rng(1), caption, 32) for caption in captions]
+    assert any(a["objects"][0]["box"] != b["objects"][0]["box"] for a, b in zip(scenes, again))
+    with pytest.raises(ValueError, match="caption"):
+        shapes.sample_scene_for_caption(rng, "a big red circle", 32)

@@ -63,6 +63,7 @@ def test_two_processes_train_and_the_loss_goes_down(config, tmp_path):
 
     model = PDMForTextToImage.from_pretrained(os.path.join(out, "final"))
     assert model.config.training_order == "raster"
+    assert model.config.token_loss_positions == Options.token_loss_positions  # the config records the rule used
     assert os.path.exists(os.path.join(out, "final", "README.md"))
     assert os.path.exists(os.path.join(out, "eval.jsonl"))
 
@@ -154,6 +155,8 @@ def test_bad_options_raise_value_errors_naming_them():
         check_options(Options(dataset="d"))
     with pytest.raises(ValueError, match="'model_type'"):
         check_options(Options(dataset="d", text_config={}, model_type="gpt"))
+    with pytest.raises(ValueError, match="'token_loss_positions'"):
+        check_options(Options(dataset="d", text_config={}, token_loss_positions="everywhere"))
 
 
 def test_cached_text_states_give_the_same_loss_as_the_encoder():

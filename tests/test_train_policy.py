@@ -66,6 +66,23 @@ def test_rollout_fills_every_position():
     assert codes.shape == (3, 16) and (codes < 16).all() and torch.isfinite(log_prob).all()
 
 
+def test_rollout_draws_positions_by_probability_not_raw_logit():
+    from test_generate import DisagreeingStateHead
+
+    model = tiny_model()
+    model.state_head = DisagreeingStateHead()
+    text_states = torch.randn(64, 5, 32)
+    # Record the decoder's input at every stage; the rollout samples, so count over 64 rollouts.
+    codes_after = []
+    decoder = model.decoder.forward
+    model.decoder.forward = lambda codes, *args: codes_after.append(codes.clone()) or decoder(codes, *args)
+    rollout(model, text_states, torch.ones(64, 5, dtype=torch.bool), 4, 1.0, torch.Generator().manual_seed(0),
+            train_decoder=False)
+    filled = codes_after[1] != model.config.mask_token_id  # the decoder input of stage 2 = codes after stage 1
+    share = filled.float().mean(0)
+    assert (share[4:8] > 0.95).all() and (share[:4] < 0.05).all(), share
+
+
 def test_policy_training_changes_the_state_head_only(tmp_path):
     model_dir = str(tmp_path / "pipeline")
     from progressive_denoising.pipeline_pdm import PDMPipeline

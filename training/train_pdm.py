@@ -7,6 +7,7 @@ Every option below can be set in the YAML file and overridden on the command lin
 with pseudo errors, and loss = token loss + state loss.
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -23,7 +24,9 @@ from transformers import AutoTokenizer, T5Config, get_cosine_schedule_with_warmu
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from progressive_denoising import PDMARConfig, PDMARForTextToImage, PDMConfig, PDMForTextToImage  # noqa: E402
-from progressive_denoising.text_tokenizer import train_caption_tokenizer  # noqa: E402
+from progressive_denoising.configuration_pdm import TOKEN_LOSS_POSITIONS  # noqa: E402
+from progressive_denoising.text_tokenizer import LEVELS, train_caption_tokenizer  # noqa: E402
+from progressive_denoising.commands.base import run_script  # noqa: E402
 from training import utils  # noqa: E402
 
 TRAIN_ORDERS = ("raster", "random", "quant-error", "reverse-quant-error")
@@ -38,6 +41,7 @@ class Options:
     train_split: str = "train"
     validation_split: Optional[str] = "validation"
     validation_size: int = 0  # held out from a data set without a validation split
+    max_train_examples: Optional[int] = None  # train on the first N training examples only (data-size studies)
     codebook_size: Optional[int] = None  # default: pdm_tokenization.json, else the VQ model
     token_grid_size: Optional[list] = None  # (h, w); default: pdm_tokenization.json, else square
     # model: an existing PDM, or a pretrained T5 encoder, or a fresh T5 of `text_config` sizes
@@ -48,7 +52,8 @@ class Options:
     train_text_encoder: bool = False  # the paper freezes T5; true for a small T5 trained with the decoder
     tokenizer: Optional[str] = None
     train_tokenizer: bool = False
-    tokenizer_vocab_size: int = 1000
+    tokenizer_vocab_size: Optional[int] = None  # every word of the captions when null
+    tokenizer_level: str = "word"  # or "character" (to measure what whole words bring)
     max_caption_length: int = 128
     hidden_size: int = 1280
     num_hidden_layers: int = 24
@@ -61,6 +66,7 @@ class Options:
     order: str = "quant-error"
     num_stages: int = 64
     p_error: float = 0.3
+    token_loss_positions: str = "masked"  # or "stage" (the paper's group t); see ordering.build_stage_tuples
     caption_dropout: float = 0.1
     # optimisation
     batch_size: int = 8  # per process
@@ -83,6 +89,7 @@ class Options:
     log_with: Optional[str] = "tensorboard"
     checkpointing_steps: int = 500
     checkpoints_total_limit: Optional[int] = 3
+    snapshot_steps: Optional[int] = None  # also keep the (EMA) model every N steps in snapshots/: learning curves
     resume_from_checkpoint: Optional[str] = None  # latest or a checkpoint folder
     eval_steps: int = 500
     eval_batches: int = 8
@@ -99,11 +106,13 @@ def check_options(o):
                          "fixed order (usually quant-error)")
     utils.check_choice("order", o.order, TRAIN_ORDERS)
     utils.check_choice("model_type", o.model_type, tuple(MODEL_TYPES))
+    utils.check_choice("token_loss_positions", o.token_loss_positions, TOKEN_LOSS_POSITIONS)
+    utils.check_choice("tokenizer_level", o.tokenizer_level, LEVELS)
     for name in ("p_error", "caption_dropout"):
         utils.check_range(name, getattr(o, name), 0.0, 1.0)
     for name in ("batch_size", "max_steps", "num_stages", "gradient_accumulation_steps", "checkpointing_steps",
-                 "eval_steps"):
-        if getattr(o, name) < 1:
+                 "eval_steps", "snapshot_steps", "max_train_examples"):
+        if getattr(o, name) is not None and getattr(o, name) < 1:
             raise ValueError(f"option {name!r} must be a positive integer, got {getattr(o, name)!r}")
     if o.learning_rate <= 0:
         raise ValueError(f"option 'learning_rate' must be positive, got {o.learning_rate!r}")
@@ -133,7 +142,9 @@ def load_tokenizer(o, train, accelerator):
     if o.train_tokenizer:
         path = os.path.join(o.output_dir, "tokenizer")
         if accelerator.is_main_process:
-            train_caption_tokenizer(utils.all_captions(train), vocab_size=o.tokenizer_vocab_size).save_pretrained(path)
+            tokenizer = train_caption_tokenizer(utils.all_captions(train), vocab_size=o.tokenizer_vocab_size,
+                                                level=o.tokenizer_level)
+            tokenizer.save_pretrained(path)
         accelerator.wait_for_everyone()
         return AutoTokenizer.from_pretrained(path)
     path = o.tokenizer or o.model_name_or_path or o.text_encoder
@@ -165,7 +176,8 @@ def build_model(o, tokenizer, codebook_size, grid):
     sizes = dict(hidden_size=o.hidden_size, num_hidden_layers=o.num_hidden_layers, intermediate_size=o.intermediate_size,
                  num_attention_heads=o.num_attention_heads, hidden_dropout=o.hidden_dropout,
                  attention_dropout=o.attention_dropout, codebook_size=codebook_size, token_grid_size=grid,
-                 num_stages=o.num_stages, training_order=o.order, freeze_text_encoder=not o.train_text_encoder)
+                 num_stages=o.num_stages, training_order=o.order, token_loss_positions=o.token_loss_positions,
+                 freeze_text_encoder=not o.train_text_encoder)
     config_class, model_class = MODEL_TYPES[o.model_type]
     if o.model_name_or_path:
         model = model_class.from_pretrained(o.model_name_or_path)
@@ -199,7 +211,7 @@ def model_inputs(model, batch, o, text, generator, device, caption_dropout):
         targets = {"image_tokens": batch["codes"], "token_labels": batch["codes"]}
     else:
         targets = utils.stage_inputs(batch, o.order, o.num_stages, config.mask_token_id, config.codebook_size,
-                                     o.p_error, generator)
+                                     o.p_error, generator, o.token_loss_positions)
     return {**targets, **text(model, captions, device)}
 
 
@@ -259,6 +271,7 @@ def save_final(accelerator, model, tokenizer, vqvae, ema, o, metrics, sample_pat
     if ema is not None:
         ema.copy_to(raw)
     raw.config.training_order, raw.config.num_stages = o.order, o.num_stages
+    raw.config.token_loss_positions = o.token_loss_positions
     folder = os.path.join(o.output_dir, "final")
     if vqvae is not None and o.model_type == "pdm":
         from progressive_denoising.pipeline_pdm import PDMPipeline
@@ -276,6 +289,7 @@ def save_final(accelerator, model, tokenizer, vqvae, ema, o, metrics, sample_pat
     else:
         title = f"PDM ({o.order} order, {o.num_stages} stages)"
         extra = (f"\nOrder `{o.order}`, T = {o.num_stages} stages, p_error = {o.p_error}, "
+                 f"token loss on {o.token_loss_positions} positions, "
                  f"caption dropout = {o.caption_dropout}.\n")
     card = utils.model_card(title, o, metrics, o.dataset, o.max_steps, extra=extra, sample_image=image)
     with open(os.path.join(folder, "README.md"), "w") as f:
@@ -286,8 +300,10 @@ def save_final(accelerator, model, tokenizer, vqvae, ema, o, metrics, sample_pat
 
 
 def main(argv=None):
-    o = utils.parse_options(Options, argv)
-    check_options(o)
+    o = utils.parse_options(Options, argv, check=check_options)
+    # Paths are checked before anything loads ("latest" and Hub ids pass: they are not local paths).
+    utils.check_paths(o, inputs=("dataset", "model_name_or_path", "text_encoder", "tokenizer", "vqvae",
+                                 "resume_from_checkpoint"), outputs=("output_dir",))
     accelerator = Accelerator(
         gradient_accumulation_steps=o.gradient_accumulation_steps, mixed_precision=o.mixed_precision,
         log_with=o.log_with, project_config=ProjectConfiguration(project_dir=o.output_dir, logging_dir=os.path.join(o.output_dir, "logs")),
@@ -297,6 +313,8 @@ def main(argv=None):
     set_seed(o.seed)
     os.makedirs(o.output_dir, exist_ok=True)
     train, validation, info = utils.load_splits(o.dataset, o.train_split, o.validation_split, o.validation_size, o.seed)
+    if o.max_train_examples is not None:
+        train = train.select(range(min(o.max_train_examples, len(train))))
     tokenizer = load_tokenizer(o, train, accelerator)
     codebook_size, grid = data_geometry(o, info, train)
     model = build_model(o, tokenizer, codebook_size, grid)
@@ -306,7 +324,6 @@ def main(argv=None):
 
         vqvae = VQModel.from_pretrained(o.vqvae).to(accelerator.device).eval()
     text = utils.TextStates(tokenizer, o.max_caption_length, cache=o.cache_text_states)
-    ema = utils.EMA(model, o.ema_decay) if o.ema_decay is not None else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.learning_rate,
                                   betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay)
     # The prepared scheduler steps once per process per update, hence the factor.
@@ -316,7 +333,9 @@ def main(argv=None):
     eval_loader = make_loader(validation, o, shuffle=False) if validation is not None else None
     model, optimizer, scheduler, train_loader = accelerator.prepare(model, optimizer, scheduler, train_loader)
     eval_loader = accelerator.prepare(eval_loader) if eval_loader is not None else None
-    if ema is not None:
+    ema = None
+    if o.ema_decay is not None:  # after `prepare`: the averages live where the weights do (a GPU, say)
+        ema = utils.EMA(accelerator.unwrap_model(model), o.ema_decay)
         accelerator.register_for_checkpointing(ema)
     return train_loop(o, accelerator, model, optimizer, scheduler, train_loader, eval_loader, validation, tokenizer,
                       vqvae, text, ema)
@@ -325,11 +344,13 @@ def main(argv=None):
 def train_loop(o, accelerator, model, optimizer, scheduler, train_loader, eval_loader, validation, tokenizer, vqvae,
                text, ema):
     resume = utils.resolve_checkpoint(o.resume_from_checkpoint, o.output_dir)
-    start = 0
+    start, seconds_before = 0, 0.0
     if resume:
         accelerator.load_state(resume)
-        start = utils.checkpoint_step(resume)
+        start, seconds_before = utils.checkpoint_step(resume), utils.checkpoint_seconds(resume)
         accelerator.print(f"resumed from {resume} at step {start}")
+    # Training time excludes evaluation, sampling and saving, so runs with other eval settings compare fairly.
+    clock = utils.TrainClock(seconds_before)
     accelerator.init_trackers("pdm", config=utils.tracker_config(o))
     log = utils.JsonlLog(os.path.join(o.output_dir, "losses.jsonl"), accelerator.is_main_process)
     write_run_info(o, accelerator)
@@ -339,6 +360,7 @@ def train_loop(o, accelerator, model, optimizer, scheduler, train_loader, eval_l
     model.train()
     for step in range(start + 1, o.max_steps + 1):
         losses = []
+        clock.start()
         for micro in range(accum):
             generator = utils.step_generator(o.seed, accelerator.process_index, (step - 1) * accum + micro)
             with accelerator.accumulate(model):
@@ -356,18 +378,32 @@ def train_loop(o, accelerator, model, optimizer, scheduler, train_loader, eval_l
         if ema is not None:
             ema.update(raw)
         loss, token_loss, state_loss = torch.stack(losses).mean(0).tolist()
-        metrics = {"loss": loss, "token_loss": token_loss, "state_loss": state_loss, "lr": scheduler.get_last_lr()[0]}
+        clock.stop()
+        metrics = {"loss": loss, "token_loss": token_loss, "state_loss": state_loss, "lr": scheduler.get_last_lr()[0],
+                   "train_seconds": clock.seconds}
         log.write(step=step, **metrics)
         accelerator.log(metrics, step=step)
         if step % o.eval_steps == 0 or step == o.max_steps:
             metrics.update(evaluate_and_sample(o, accelerator, model, eval_loader, validation, tokenizer, vqvae, text, step))
             sample_path = metrics.pop("sample_path", None) or sample_path
+        if o.snapshot_steps and step % o.snapshot_steps == 0 and accelerator.is_main_process:
+            save_snapshot(raw, ema, os.path.join(o.output_dir, "snapshots", f"step-{step}"), clock.seconds)
         if step % o.checkpointing_steps == 0:
-            utils.save_checkpoint(accelerator, o.output_dir, step, o.checkpoints_total_limit)
+            utils.save_checkpoint(accelerator, o.output_dir, step, o.checkpoints_total_limit, clock.seconds)
     accelerator.wait_for_everyone()
     save_final(accelerator, model, tokenizer, vqvae, ema, o, metrics, sample_path)
     accelerator.end_training()
     return metrics
+
+
+def save_snapshot(model, ema, folder, train_seconds):
+    """The model as it would be saved now (EMA weights when kept), without optimizer state: one learning-curve point."""
+    if ema is not None:
+        model = copy.deepcopy(model)
+        ema.copy_to(model)
+    model.save_pretrained(folder)
+    with open(os.path.join(folder, "train_seconds.json"), "w") as f:
+        json.dump({"train_seconds": train_seconds}, f)
 
 
 def evaluate_and_sample(o, accelerator, model, eval_loader, validation, tokenizer, vqvae, text, step):
@@ -395,4 +431,5 @@ def write_run_info(o, accelerator):
 
 
 if __name__ == "__main__":
-    main()
+    # One-line errors (exit status 2 for a bad option, 1 for a failure), a traceback with --debug.
+    sys.exit(run_script(main, prog="train_pdm.py"))

@@ -28,6 +28,7 @@ from progressive_denoising import PDMForTextToImage  # noqa: E402
 from progressive_denoising.configuration_pdm import STATE_GENERATE, STATE_KEEP, STATE_REPLACE  # noqa: E402
 from progressive_denoising.ordering import cumulative_schedule, rand  # noqa: E402
 from progressive_denoising.vq import decode_codes  # noqa: E402
+from progressive_denoising.commands.base import run_script  # noqa: E402
 from training import utils  # noqa: E402
 
 
@@ -148,7 +149,9 @@ def rollout(model, text_states, text_mask, num_stages, temperature, generator, t
         state_logits = model.state_head(hidden)
         masked = codes == config.mask_token_id
         count = int(cumulative[stage + 1] - cumulative[stage])
-        generate, step_log_prob = sample_positions(state_logits[..., STATE_GENERATE], masked, count, generator)
+        # Positions are drawn by p(generate), as generate() ranks them (softmax over the three states).
+        log_p_generate = state_logits.float().log_softmax(-1)[..., STATE_GENERATE]
+        generate, step_log_prob = sample_positions(log_p_generate, masked, count, generator)
         log_prob = log_prob + step_log_prob
         with torch.no_grad():
             replace = replacements(state_logits.float(), masked, int(cumulative[stage] - cumulative[max(stage - 1, 0)]))
@@ -204,8 +207,9 @@ def policy_step(o, accelerator, model, vqvae, tokenizer, batch, generator, rewar
 
 
 def main(argv=None, reward_fn=None):
-    o = utils.parse_options(Options, argv)
-    check_options(o)
+    o = utils.parse_options(Options, argv, check=check_options)
+    # Paths are checked before anything loads (Hub ids pass: they are not local paths).
+    utils.check_paths(o, inputs=("model_name_or_path", "tokenizer", "vqvae", "dataset"), outputs=("output_dir",))
     accelerator = Accelerator(mixed_precision=o.mixed_precision, log_with=o.log_with, project_dir=o.output_dir,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=o.seed))
     set_seed(o.seed)
@@ -264,4 +268,5 @@ def save(o, model, tokenizer, vqvae, reward):
 
 
 if __name__ == "__main__":
-    main()
+    # One-line errors (exit status 2 for a bad option, 1 for a failure), a traceback with --debug.
+    sys.exit(run_script(main, prog="train_policy.py"))

@@ -4,17 +4,22 @@ Each function does one job so that the training loops read top to bottom on one 
 """
 
 import dataclasses
+import difflib
+import inspect
 import json
 import math
 import os
 import re
 import shutil
 import sys
+import time
 import typing
 
 import torch
 import yaml
 
+from progressive_denoising.commands.base import CommandError, UsageError
+from progressive_denoising.commands.files import check_creatable_folder, check_local_or_hub
 from progressive_denoising.ordering import build_stage_tuples, order_scores, scores_to_ranks
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -76,20 +81,91 @@ def _split_cli(argv):
     return pairs
 
 
-def parse_options(cls, argv=None):
-    """An instance of the dataclass `cls` from `--config FILE.yaml` and command-line overrides."""
-    cli = _split_cli(sys.argv[1:] if argv is None else list(argv))
-    values = {}
-    if "config" in cli:
-        with open(cli.pop("config")) as f:
+def _field_comments(cls):
+    """{field name: the comment written beside it in the dataclass's source}, for `--help`."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)", line)
+        if match:
+            comments[match.group(1)] = match.group(2).strip()
+    return comments
+
+
+def options_help(cls):
+    """The `--help` text of a script whose options are the dataclass `cls`: its docstring, then every option."""
+    script = os.path.basename(sys.argv[0]) or "script"
+    description = (sys.modules[cls.__module__].__doc__ or "").strip()
+    lines = [f"usage: {script} [--config FILE.yaml] [--option value | option=value ...] [--debug]", "", description,
+             "", "options (hyphen or underscore spelling; a YAML --config sets any of them, the command line wins):",
+             "  --config FILE.yaml  options from a YAML file", "  --debug  show the traceback of an error"]
+    comments = _field_comments(cls)
+    for field in dataclasses.fields(cls):
+        default = field.default if field.default is not dataclasses.MISSING else None
+        note = f"  {comments[field.name]}" if field.name in comments else ""
+        lines.append(f"  --{field.name.replace('_', '-')} {_field_type(field).__name__} (default {default!r}){note}")
+    return "\n".join(lines)
+
+
+def parse_options(cls, argv=None, check=None):
+    """An instance of the dataclass `cls` from `--config FILE.yaml` and command-line overrides.
+
+    `--help` prints the options and exits. A bad option raises `UsageError` (a `ValueError` naming it), and so does
+    a `ValueError` of `check(options)`, the script's own checks, run here when given.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--help" in argv or "-h" in argv:
+        print(options_help(cls))
+        raise SystemExit(0)
+    try:
+        options = _options_from(cls, argv)
+        if check is not None:
+            check(options)
+    except (UsageError, CommandError):
+        raise
+    except ValueError as error:
+        raise UsageError(None, str(error)) from error
+    return options
+
+
+def _read_config(path):
+    if not os.path.isfile(path):
+        raise UsageError("--config", f"no such file: {path}")
+    try:
+        with open(path) as f:
             values = yaml.safe_load(f) or {}
+    except yaml.YAMLError as error:
+        raise CommandError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from error
+    if not isinstance(values, dict):
+        raise CommandError(f"{path}: expected a mapping of options, got {type(values).__name__}")
+    return values
+
+
+def _options_from(cls, argv):
+    cli = _split_cli(argv)
+    values = _read_config(cli.pop("config")) if "config" in cli else {}
     fields = {field.name: field for field in dataclasses.fields(cls)}
     for key in list(values) + list(cli):
         if key not in fields:
-            raise ValueError(f"unknown option {key!r}; known options: {', '.join(sorted(fields))}")
+            close = difflib.get_close_matches(key, fields, n=3)
+            known = f"did you mean {' or '.join(map(repr, close))}?" if close else f"known: {', '.join(sorted(fields))}"
+            raise ValueError(f"unknown option {key!r}; {known}")
     for key, text in cli.items():
-        values[key] = _parse_cli_value(_field_type(fields[key]), text)
+        try:
+            values[key] = _parse_cli_value(_field_type(fields[key]), text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"option {key!r}: cannot read {text!r}") from error
     return cls(**{key: _coerce(key, _field_type(fields[key]), value) for key, value in values.items()})
+
+
+def check_paths(options, inputs=(), outputs=()):
+    """UsageError unless the `inputs` options that are set name existing paths (or could be Hub ids) and the
+    `outputs` options name folders that exist or can be made: checked before anything is loaded."""
+    for name in inputs:
+        value = getattr(options, name)
+        if value is not None:
+            check_local_or_hub(f"--{name.replace('_', '-')}", value)
+    for name in outputs:
+        check_creatable_folder(f"--{name.replace('_', '-')}", getattr(options, name))
 
 
 def check_choice(name, value, choices):
@@ -168,15 +244,18 @@ def pick_captions(captions, generator, caption_dropout=0.0):
     return picked
 
 
-def stage_inputs(batch, order, num_stages, mask_token_id, codebook_size, p_error, generator):
+def stage_inputs(batch, order, num_stages, mask_token_id, codebook_size, p_error, generator,
+                 token_loss_positions="stage"):
     """The training tuple of every example: a stage t uniform in 1..T, ranks from the order, then eq. 4."""
     codes = batch["codes"]
     batch_size, num_tokens = codes.shape
     stages = torch.randint(1, num_stages + 1, (batch_size,), generator=generator)
-    quant_error = batch.get("quant_error")
+    # Tuples are built on the CPU, where the generator is, whatever device the batch is on.
+    quant_error = batch["quant_error"].cpu() if "quant_error" in batch else None
     scores = order_scores(order, batch_size, num_tokens, quant_error=quant_error, generator=generator)
     tuples = build_stage_tuples(codes.cpu(), scores_to_ranks(scores), stages, num_stages, mask_token_id,
-                                codebook_size, p_error=p_error, generator=generator)
+                                codebook_size, p_error=p_error, generator=generator,
+                                token_loss_positions=token_loss_positions)
     return {key: tuples[key].to(codes.device) for key in ("image_tokens", "token_labels", "state_labels")}
 
 
@@ -277,14 +356,20 @@ def checkpoint_step(path):
         return json.load(f)["step"]
 
 
-def save_checkpoint(accelerator, output_dir, step, limit):
+def checkpoint_seconds(path):
+    """Training seconds spent up to the checkpoint at `path` (0 for checkpoints written before this was recorded)."""
+    with open(os.path.join(path, STEP_FILE)) as f:
+        return json.load(f).get("train_seconds", 0.0)
+
+
+def save_checkpoint(accelerator, output_dir, step, limit, train_seconds=0.0):
     """`accelerator.save_state` (model, optimizer, scheduler, RNG, sampler, EMA), then drop the oldest beyond `limit`."""
     path = os.path.join(output_dir, f"checkpoint-{step}")
     accelerator.save_state(path)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(os.path.join(path, STEP_FILE), "w") as f:
-            json.dump({"step": step}, f)
+            json.dump({"step": step, "train_seconds": train_seconds}, f)
         for old in checkpoints(output_dir)[: -limit] if limit else []:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -308,6 +393,19 @@ def check_finite(loss, step):
             f"loss is {loss} at step {step}: stopping before the update and any checkpoint of that step "
             "(lower learning_rate, check the data, or try mixed_precision=no)"
         )
+
+
+class TrainClock:
+    """Seconds spent in training steps, carried over a resume."""
+
+    def __init__(self, seconds=0.0):
+        self.seconds, self._started = seconds, None
+
+    def start(self):
+        self._started = time.perf_counter()
+
+    def stop(self):
+        self.seconds += time.perf_counter() - self._started
 
 
 class JsonlLog:
@@ -344,18 +442,34 @@ def image_grid(images, columns=4):
     return grid
 
 
-def model_card(title, options, metrics, dataset, steps, extra="", sample_image=None):
-    """README.md text: what was trained on what, for how long, and how well."""
+def model_card(title, options, metrics, dataset, steps, extra="", sample_image=None, license="apache-2.0"):
+    """README.md text: what was trained on what, for how long, and how well, under the Hub's metadata.
+
+    The metadata names the `license` of the weights, the data set (`datasets`) and the model trained from
+    (`base_model`: `options.model_name_or_path`, else `options.text_encoder`) where they are Hub ids: the Hub links
+    those entries to repositories, so a local folder is named in the text only.
+    """
+    from huggingface_hub import ModelCardData
+
+    def hub_id(name):
+        if isinstance(name, str) and not os.path.exists(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+            return name
+        return None
+
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in dataclasses.asdict(options).items() if v is not None)
     measured = "\n".join(f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in metrics.items())
     image = f"\n## Samples\n\n![samples]({sample_image})\n" if sample_image else ""
+    base_model = hub_id(getattr(options, "model_name_or_path", None)) or hub_id(getattr(options, "text_encoder", None))
+    metadata = ModelCardData(
+        library_name="progressive-denoising",
+        pipeline_tag="text-to-image",
+        license=license,
+        tags=["progressive-denoising", "pdm", "text-to-image"],
+        datasets=[hub_id(dataset)] if hub_id(dataset) else None,
+        base_model=base_model,
+    )
     return f"""---
-library_name: progressive-denoising
-pipeline_tag: text-to-image
-tags:
-- progressive-denoising
-- pdm
-- text-to-image
+{metadata.to_yaml()}
 ---
 
 # {title}
