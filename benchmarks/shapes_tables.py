@@ -10,6 +10,10 @@
     python benchmarks/shapes_tables.py orders  --config training/configs/shapes32_cpu.yaml --max_steps 3000 ...
     python benchmarks/shapes_tables.py p-error --config training/configs/shapes32_cpu.yaml --max_steps 3000 ...
 
+    # the recipe's levers: one arm per --arm "name:key=value,key=value" (train_pdm.py overrides of the config)
+    python benchmarks/shapes_tables.py recipe --config training/configs/shapes32_cpu.yaml --max_steps 2000 \
+        --arm "as configured:" --arm "paper's token loss:token_loss_positions=stage" ...
+
 Every row reports prompt alignment (all prompts and the held-out (colour, shape) pairs), the attribute-level partial
 credit of `evaluation.attribute_accuracy` (share of objects with the right colour / shape / size, share of images
 whose region or relation holds), FID with the recogniser's features against the real test images, and seconds per
@@ -25,13 +29,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from progressive_denoising import PDMARForTextToImage, PDMPipeline  # noqa: E402
-from progressive_denoising import evaluation  # noqa: E402
+from progressive_denoising import evaluation, shapes  # noqa: E402
 from progressive_denoising.vq import decode_codes, encode_to_codes, postprocess_images, preprocess_images  # noqa: E402
 
 ORDER_ARMS = ("raster", "random", "quant-error", "reverse-quant-error")  # plus the autoregressive baseline
@@ -70,6 +75,22 @@ def vq_reconstructions(pipe, real_images, batch_size):
     return out
 
 
+def new_scenes(captions, size, seed=0):
+    """Renders of new scenes that satisfy each caption: the reference a perfect generator of new images reaches.
+
+    Its alignment is the recogniser's, its FID is what drawing other placements than the test images' costs."""
+    rng = np.random.default_rng(seed)
+    return [shapes.render_scene(shapes.sample_scene_for_caption(rng, caption, size), size) for caption in captions]
+
+
+def reference_rows(recogniser, real_images, captions):
+    """The ground truth and new scenes for the same captions, as rows of every table."""
+    size = real_images[0].width
+    return {"ground truth": evaluation.evaluate_images(recogniser, real_images, captions, real_images),
+            "new scenes for the captions": evaluation.evaluate_images(
+                recogniser, new_scenes(captions, size), captions, real_images)}
+
+
 def load_test(data, num_prompts):
     real = evaluation.load_split(data, "test")
     real = real.select(range(min(num_prompts, len(real))))
@@ -81,7 +102,7 @@ def stages_table(args):
     pipe = PDMPipeline.from_pretrained(args.model).to(args.device)
     recogniser = evaluation.ShapesRecogniser.from_pretrained(args.recogniser, device=args.device)
     real_images, captions = load_test(args.data, args.num_prompts)
-    rows = {"ground truth": evaluation.evaluate_images(recogniser, real_images, captions, real_images)}
+    rows = reference_rows(recogniser, real_images, captions)
     rows["VQ reconstruction"] = evaluation.evaluate_images(
         recogniser, vq_reconstructions(pipe, real_images, args.batch_size), captions, real_images)
     num_tokens = pipe.model.config.num_image_tokens
@@ -138,23 +159,44 @@ def load_arm(folder, config):
                        vqvae=VQModel.from_pretrained(vqvae))
 
 
+def train_minutes(folder):
+    """Training minutes of the run that wrote `folder` (its `final/`), from its losses.jsonl; None if not recorded."""
+    path = os.path.join(os.path.dirname(os.path.normpath(folder)), "losses.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        last = json.loads(f.readlines()[-1])
+    return last["train_seconds"] / 60 if "train_seconds" in last else None
+
+
+def recipe_arms(args):
+    """(name, trainer, order) of every --arm "name:key=value,..."; the order is the arm's own (None: its config's)."""
+    arms = []
+    for spec in args.arm:
+        name, _, overrides = spec.partition(":")
+        overrides = [item.strip() for item in overrides.split(",") if item.strip()]
+        arms.append((name, functools.partial(train_arm, args, name, overrides), None))
+    return arms
+
+
 def arms_table(args, arms):
     recogniser = evaluation.ShapesRecogniser.from_pretrained(args.recogniser, device=args.device)
     real_images, captions = load_test(args.data, args.num_prompts)
-    rows = {}
+    rows = reference_rows(recogniser, real_images, captions)
     for name, train, order in arms:
         if args.arms and not any(wanted in name for wanted in args.arms.split(",")):
             continue
-        pipe = load_arm(train(), args.config).to(args.device)
+        folder = train()
+        pipe = load_arm(folder, args.config).to(args.device)
         if isinstance(pipe.model, PDMARForTextToImage):
             steps, stage_kwargs = pipe.model.config.num_image_tokens, {}
         else:
             steps = pipe.model.config.num_stages
-            stage_kwargs = dict(num_stages=steps, order=order)
+            stage_kwargs = dict(num_stages=steps, order=order or pipe.model.config.training_order)
         images, seconds = generate_images(pipe, captions, args.seed, args.batch_size, args.guidance_scale,
                                           **stage_kwargs)
         rows[name] = dict(evaluation.evaluate_images(recogniser, images, captions, real_images),
-                          seconds_per_image=seconds / len(captions), stages=steps)
+                          seconds_per_image=seconds / len(captions), stages=steps, train_minutes=train_minutes(folder))
     return rows
 
 
@@ -162,7 +204,7 @@ def format_rows(rows):
     columns = [("images", "images", "d"), ("alignment", "alignment", ".3f"),
                ("alignment (held-out pairs)", "alignment_held_out", ".3f"), ("colour", "colour", ".2f"),
                ("shape", "shape", ".2f"), ("size", "size", ".2f"), ("layout", "layout", ".2f"), ("FID", "fid", ".0f"),
-               ("stages", "stages", "d"), ("s / image", "seconds_per_image", ".4f"),
+               ("stages", "stages", "d"), ("train min", "train_minutes", ".1f"), ("s / image", "seconds_per_image", ".4f"),
                ("speed-up vs T = L", "speed_up", ".1f")]
     lines = ["| row | " + " | ".join(title for title, _, _ in columns) + " |",
              "|---|" + "---:|" * len(columns)]
@@ -174,13 +216,15 @@ def format_rows(rows):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=("stages", "orders", "p-error"))
+    parser.add_argument("table", choices=("stages", "orders", "p-error", "recipe"))
     parser.add_argument("--model", help="stages: the pipeline folder")
     parser.add_argument("--config", help="orders / p-error: the training config every arm shares")
     parser.add_argument("--max_steps", type=int, default=3000, help="orders / p-error: training budget of every arm")
     parser.add_argument("--runs", default="runs/tables", help="orders / p-error: where the arms are trained")
     parser.add_argument("--policy_steps", type=int, default=300,
                         help="orders: policy-gradient steps of the learned arm (after the quant-error arm's training)")
+    parser.add_argument("--arm", action="append", default=[],
+                        help='recipe: "name:key=value,key=value", train_pdm.py overrides of --config (repeatable)')
     parser.add_argument("--arms", default="", help="orders / p-error: only the arms whose name contains one of these")
     parser.add_argument("--recogniser", required=True)
     parser.add_argument("--data", required=True, help="PDM-Shapes folder (its test split is used)")
@@ -197,6 +241,8 @@ def parse_args(argv=None):
         parser.error("stages needs --model")
     if args.table != "stages" and not args.config:
         parser.error(f"{args.table} needs --config")
+    if args.table == "recipe" and not args.arm:
+        parser.error("recipe needs at least one --arm")
     return args
 
 
@@ -213,6 +259,8 @@ def main(argv=None):
         arms.append(("autoregressive (KV cache)",
                      functools.partial(train_arm, args, "autoregressive (KV cache)", ["model_type=ar"]), None))
         rows = arms_table(args, arms)
+    elif args.table == "recipe":
+        rows = arms_table(args, recipe_arms(args))
     else:
         rows = arms_table(args, [(f"p_error={p}", functools.partial(train_arm, args, f"p_error={p}", [f"p_error={p}"]),
                                   None) for p in P_ERROR_ARMS])
