@@ -4,6 +4,12 @@
     python benchmarks/shapes_tables.py stages --model progressive_denoising/bundled/pdm-shapes --recogniser runs/recogniser32 \
         --data runs/shapes32 --stages 4,8,16,64 --out table4.json --md table4.md
 
+    # the sampling levers of one pipeline: one row per --setting "name:key=value,..." (arguments of generate),
+    # with the codes error recovering replaced per image
+    python benchmarks/shapes_tables.py sampling --model progressive_denoising/bundled/pdm-shapes --recogniser ... \
+        --data runs/shapes32 --setting "default:" --setting "no error recovering:max_replacements=0" \
+        --setting "guidance 3:guidance_scale=3"
+
     # tables 3 and 5: one training run per arm (same config and budget), each evaluated at the config's stages;
     # table 3 also trains the autoregressive baseline (model_type=ar) and samples it with its KV cache, and the learned
     # order: the quant-error arm followed by --policy_steps of policy-gradient training of its state head
@@ -46,10 +52,11 @@ P_ERROR_ARMS = (0.0, 0.3, 0.5, 0.7, 1.0)
 POLICY_OPTIONS = ("--batch_size", "16", "--learning_rate", "1e-4")
 
 
-def generate_images(pipe, captions, seed, batch_size, guidance_scale, **stage_kwargs):
+def generate_images(pipe, captions, seed, batch_size, guidance_scale, replaced=None, **stage_kwargs):
     """PIL images for `captions` (image i drawn with generator seed + i) and the seconds `generate` took.
 
-    `stage_kwargs` (`num_stages`, `order`) go to PDM's `generate`; the AR baseline takes none.
+    `stage_kwargs` (`num_stages`, `order`, any other argument of `generate`) go to PDM's `generate`; the AR baseline
+    takes none. A list passed as `replaced` receives the number of codes error recovering replaced in each image.
     """
     images, seconds = [], 0.0
     for start in range(0, len(captions), batch_size):
@@ -57,9 +64,14 @@ def generate_images(pipe, captions, seed, batch_size, guidance_scale, **stage_kw
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
         input_ids, attention_mask = pipe.encode_prompt(chunk)
         began = time.perf_counter()
+        if replaced is not None:
+            stage_kwargs["return_stages"] = True
         codes = pipe.model.generate(input_ids, attention_mask, guidance_scale=guidance_scale, generator=generators,
                                     **stage_kwargs)
         seconds += time.perf_counter() - began
+        if replaced is not None:
+            replaced += codes.replaced.sum(1).tolist()
+            codes = codes.codes
         images += postprocess_images(pipe.decode_codes(codes), "pil")
     return images, seconds
 
@@ -116,6 +128,27 @@ def stages_table(args):
     for row in rows.values():
         if "seconds_per_image" in row:
             row["speed_up"] = one_per_stage / row["seconds_per_image"]
+    return rows
+
+
+def sampling_table(args):
+    """One pipeline under several `generate` settings (--setting "name:key=value,..."): the sampling levers."""
+    pipe = PDMPipeline.from_pretrained(args.model).to(args.device)
+    recogniser = evaluation.ShapesRecogniser.from_pretrained(args.recogniser, device=args.device)
+    real_images, captions = load_test(args.data, args.num_prompts)
+    rows = reference_rows(recogniser, real_images, captions)
+    for spec in args.setting:
+        name, _, items = spec.partition(":")
+        kwargs = {key.strip(): yaml.safe_load(value) for key, _, value in
+                  (item.partition("=") for item in items.split(",") if item.strip())}
+        kwargs.setdefault("num_stages", pipe.model.config.num_stages)
+        guidance_scale = kwargs.pop("guidance_scale", args.guidance_scale)
+        replaced = []
+        images, seconds = generate_images(pipe, captions, args.seed, args.batch_size, guidance_scale, replaced,
+                                          **kwargs)
+        rows[name] = dict(evaluation.evaluate_images(recogniser, images, captions, real_images),
+                          seconds_per_image=seconds / len(captions), stages=kwargs["num_stages"],
+                          replaced_per_image=sum(replaced) / len(replaced))
     return rows
 
 
@@ -204,8 +237,10 @@ def format_rows(rows):
     columns = [("images", "images", "d"), ("alignment", "alignment", ".3f"),
                ("alignment (held-out pairs)", "alignment_held_out", ".3f"), ("colour", "colour", ".2f"),
                ("shape", "shape", ".2f"), ("size", "size", ".2f"), ("layout", "layout", ".2f"), ("FID", "fid", ".0f"),
-               ("stages", "stages", "d"), ("train min", "train_minutes", ".1f"), ("s / image", "seconds_per_image", ".4f"),
+               ("stages", "stages", "d"), ("replaced / image", "replaced_per_image", ".2f"),
+               ("train min", "train_minutes", ".1f"), ("s / image", "seconds_per_image", ".4f"),
                ("speed-up vs T = L", "speed_up", ".1f")]
+    columns = [column for column in columns if any(row.get(column[1]) is not None for row in rows.values())]
     lines = ["| row | " + " | ".join(title for title, _, _ in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     for name, row in rows.items():
@@ -216,8 +251,10 @@ def format_rows(rows):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=("stages", "orders", "p-error", "recipe"))
-    parser.add_argument("--model", help="stages: the pipeline folder")
+    parser.add_argument("table", choices=("stages", "sampling", "orders", "p-error", "recipe"))
+    parser.add_argument("--model", help="stages / sampling: the pipeline folder")
+    parser.add_argument("--setting", action="append", default=[],
+                        help='sampling: "name:key=value,key=value", arguments of generate (repeatable)')
     parser.add_argument("--config", help="orders / p-error: the training config every arm shares")
     parser.add_argument("--max_steps", type=int, default=3000, help="orders / p-error: training budget of every arm")
     parser.add_argument("--runs", default="runs/tables", help="orders / p-error: where the arms are trained")
@@ -237,9 +274,11 @@ def parse_args(argv=None):
     parser.add_argument("--out", help="JSON file for the rows")
     parser.add_argument("--md", help="Markdown file for the table")
     args = parser.parse_args(argv)
-    if args.table == "stages" and not args.model:
-        parser.error("stages needs --model")
-    if args.table != "stages" and not args.config:
+    if args.table in ("stages", "sampling") and not args.model:
+        parser.error(f"{args.table} needs --model")
+    if args.table == "sampling" and not args.setting:
+        parser.error("sampling needs at least one --setting")
+    if args.table not in ("stages", "sampling") and not args.config:
         parser.error(f"{args.table} needs --config")
     if args.table == "recipe" and not args.arm:
         parser.error("recipe needs at least one --arm")
@@ -250,6 +289,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.table == "stages":
         rows = stages_table(args)
+    elif args.table == "sampling":
+        rows = sampling_table(args)
     elif args.table == "orders":
         # (row name, function that trains the arm and returns its folder, order passed to generate)
         arms = [(f"order={o}", functools.partial(train_arm, args, f"order={o}", [f"order={o}"]), o)
