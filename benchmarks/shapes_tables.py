@@ -149,6 +149,20 @@ def sampling_table(args):
         rows[name] = dict(evaluation.evaluate_images(recogniser, images, captions, real_images),
                           seconds_per_image=seconds / len(captions), stages=kwargs["num_stages"],
                           replaced_per_image=sum(replaced) / len(replaced))
+        if args.by_objects:
+            rows.update(rows_by_object_count(name, recogniser, images, captions, real_images))
+    return rows
+
+
+def rows_by_object_count(name, recogniser, images, captions, real_images):
+    """The images of one row scored again, split by the number of objects their prompt asks for (FID against all the
+    real images)."""
+    counts = [len(shapes.parse_caption(caption)["objects"]) for caption in captions]
+    rows = {}
+    for count, label in ((1, "one object"), (2, "two objects")):
+        picked = [i for i, c in enumerate(counts) if c == count]
+        rows[f"{name}, {label}"] = evaluation.evaluate_images(
+            recogniser, [images[i] for i in picked], [captions[i] for i in picked], real_images)
     return rows
 
 
@@ -255,6 +269,8 @@ def parse_args(argv=None):
     parser.add_argument("--model", help="stages / sampling: the pipeline folder")
     parser.add_argument("--setting", action="append", default=[],
                         help='sampling: "name:key=value,key=value", arguments of generate (repeatable)')
+    parser.add_argument("--by-objects", action="store_true",
+                        help="sampling: also score each setting's one-object and two-object prompts apart")
     parser.add_argument("--config", help="orders / p-error: the training config every arm shares")
     parser.add_argument("--max_steps", type=int, default=3000, help="orders / p-error: training budget of every arm")
     parser.add_argument("--runs", default="runs/tables", help="orders / p-error: where the arms are trained")
