@@ -103,8 +103,8 @@ def reference_rows(recogniser, real_images, captions):
                 recogniser, new_scenes(captions, size), captions, real_images)}
 
 
-def load_test(data, num_prompts):
-    real = evaluation.load_split(data, "test")
+def load_test(data, num_prompts, split="test"):
+    real = evaluation.load_split(data, split)
     real = real.select(range(min(num_prompts, len(real))))
     return [image.convert("RGB") for image in real["image"]], list(real["caption"])
 
@@ -135,7 +135,7 @@ def sampling_table(args):
     """One pipeline under several `generate` settings (--setting "name:key=value,..."): the sampling levers."""
     pipe = PDMPipeline.from_pretrained(args.model).to(args.device)
     recogniser = evaluation.ShapesRecogniser.from_pretrained(args.recogniser, device=args.device)
-    real_images, captions = load_test(args.data, args.num_prompts)
+    real_images, captions = load_test(args.data, args.num_prompts, args.split)
     rows = reference_rows(recogniser, real_images, captions)
     for spec in args.setting:
         name, _, items = spec.partition(":")
@@ -269,6 +269,8 @@ def parse_args(argv=None):
     parser.add_argument("--model", help="stages / sampling: the pipeline folder")
     parser.add_argument("--setting", action="append", default=[],
                         help='sampling: "name:key=value,key=value", arguments of generate (repeatable)')
+    parser.add_argument("--split", default="test", choices=("test", "validation"),
+                        help="sampling: the prompts and real images (choose settings on validation, report on test)")
     parser.add_argument("--by-objects", action="store_true",
                         help="sampling: also score each setting's one-object and two-object prompts apart")
     parser.add_argument("--config", help="orders / p-error: the training config every arm shares")
