@@ -72,7 +72,7 @@ def main(argv=None):
     parser.add_argument("--out", default="docs")
     parser.add_argument("--seeds", default="0,1,2,3")
     parser.add_argument("--scale", type=int, default=3)
-    parser.add_argument("--stages-prompt", default="a small blue circle above a large yellow triangle")
+    parser.add_argument("--stages-prompt", default="a large red circle in the top left")  # the quickstart prompt
     args = parser.parse_args(argv)
     pipe = PDMPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
