@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from progressive_denoising import PDMForTextToImage  # noqa: E402
-from progressive_denoising.configuration_pdm import STATE_GENERATE, STATE_KEEP, STATE_REPLACE  # noqa: E402
+from progressive_denoising.configuration_pdm import STATE_GENERATE  # noqa: E402
 from progressive_denoising.ordering import cumulative_schedule, rand  # noqa: E402
 from progressive_denoising.vq import decode_codes  # noqa: E402
 from progressive_denoising.commands.base import run_script  # noqa: E402
@@ -125,13 +125,6 @@ def sample_codes(token_logits, temperature, generator):
     return (token_logits.float() / temperature - torch.log(-torch.log(uniform))).argmax(-1)
 
 
-def replacements(state_logits, masked, bound):
-    """Error recovering as in `generate`: positions called "replace" rather than "keep", at most `bound` of them."""
-    margin = (state_logits[..., STATE_REPLACE] - state_logits[..., STATE_KEEP]).masked_fill(masked, float("-inf"))
-    ranks = margin.argsort(-1, descending=True).argsort(-1)
-    return (margin > 0) & (ranks < bound)
-
-
 def rollout(model, text_states, text_mask, num_stages, temperature, generator, train_decoder):
     """One trajectory per prompt: the final codes and the summed log-probability of the positions chosen."""
     config = model.config
@@ -154,7 +147,9 @@ def rollout(model, text_states, text_mask, num_stages, temperature, generator, t
         generate, step_log_prob = sample_positions(log_p_generate, masked, count, generator)
         log_prob = log_prob + step_log_prob
         with torch.no_grad():
-            replace = replacements(state_logits.float(), masked, int(cumulative[stage] - cumulative[max(stage - 1, 0)]))
+            # Error recovering exactly as in generate(), bounded by the codes generated in the stage before.
+            replace = PDMForTextToImage.choose_replacements(
+                state_logits.float(), ~masked, int(cumulative[stage] - cumulative[max(stage - 1, 0)]))
             sampled = sample_codes(model.token_head(hidden), temperature, generator)
         codes = torch.where(generate | replace, sampled, codes)
     return codes, log_prob
