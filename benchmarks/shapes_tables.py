@@ -58,14 +58,14 @@ def generate_images(pipe, captions, seed, batch_size, guidance_scale, replaced=N
     `stage_kwargs` (`num_stages`, `order`, any other argument of `generate`) go to PDM's `generate`; the AR baseline
     takes none. A list passed as `replaced` receives the number of codes error recovering replaced in each image.
     """
+    if replaced is not None:
+        stage_kwargs["return_stages"] = True
     images, seconds = [], 0.0
     for start in range(0, len(captions), batch_size):
         chunk = captions[start:start + batch_size]
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
         input_ids, attention_mask = pipe.encode_prompt(chunk)
         began = time.perf_counter()
-        if replaced is not None:
-            stage_kwargs["return_stages"] = True
         codes = pipe.model.generate(input_ids, attention_mask, guidance_scale=guidance_scale, generator=generators,
                                     **stage_kwargs)
         seconds += time.perf_counter() - began
@@ -109,12 +109,23 @@ def load_test(data, num_prompts, split="test"):
     return [image.convert("RGB") for image in real["image"]], list(real["caption"])
 
 
-def stages_table(args):
-    """Table 4: alignment, FID and speed of one pipeline at several stage counts."""
+def parse_spec(spec):
+    """"name:key=value,key=value" (an --arm or a --setting) -> (name, ["key=value", ...])."""
+    name, _, items = spec.partition(":")
+    return name, [item.strip() for item in items.split(",") if item.strip()]
+
+
+def load_pipeline_and_prompts(args, split="test"):
+    """The --model pipeline, the recogniser, the real images and captions of `split`, and the reference rows."""
     pipe = PDMPipeline.from_pretrained(args.model).to(args.device)
     recogniser = evaluation.ShapesRecogniser.from_pretrained(args.recogniser, device=args.device)
-    real_images, captions = load_test(args.data, args.num_prompts)
-    rows = reference_rows(recogniser, real_images, captions)
+    real_images, captions = load_test(args.data, args.num_prompts, split)
+    return pipe, recogniser, real_images, captions, reference_rows(recogniser, real_images, captions)
+
+
+def stages_table(args):
+    """Table 4: alignment, FID and speed of one pipeline at several stage counts."""
+    pipe, recogniser, real_images, captions, rows = load_pipeline_and_prompts(args)
     rows["VQ reconstruction"] = evaluation.evaluate_images(
         recogniser, vq_reconstructions(pipe, real_images, args.batch_size), captions, real_images)
     num_tokens = pipe.model.config.num_image_tokens
@@ -133,14 +144,9 @@ def stages_table(args):
 
 def sampling_table(args):
     """One pipeline under several `generate` settings (--setting "name:key=value,..."): the sampling levers."""
-    pipe = PDMPipeline.from_pretrained(args.model).to(args.device)
-    recogniser = evaluation.ShapesRecogniser.from_pretrained(args.recogniser, device=args.device)
-    real_images, captions = load_test(args.data, args.num_prompts, args.split)
-    rows = reference_rows(recogniser, real_images, captions)
-    for spec in args.setting:
-        name, _, items = spec.partition(":")
-        kwargs = {key.strip(): yaml.safe_load(value) for key, _, value in
-                  (item.partition("=") for item in items.split(",") if item.strip())}
+    pipe, recogniser, real_images, captions, rows = load_pipeline_and_prompts(args, args.split)
+    for name, items in map(parse_spec, args.setting):
+        kwargs = {key.strip(): yaml.safe_load(value) for key, _, value in (item.partition("=") for item in items)}
         kwargs.setdefault("num_stages", pipe.model.config.num_stages)
         guidance_scale = kwargs.pop("guidance_scale", args.guidance_scale)
         replaced = []
@@ -218,12 +224,8 @@ def train_minutes(folder):
 
 def recipe_arms(args):
     """(name, trainer, order) of every --arm "name:key=value,..."; the order is the arm's own (None: its config's)."""
-    arms = []
-    for spec in args.arm:
-        name, _, overrides = spec.partition(":")
-        overrides = [item.strip() for item in overrides.split(",") if item.strip()]
-        arms.append((name, functools.partial(train_arm, args, name, overrides), None))
-    return arms
+    return [(name, functools.partial(train_arm, args, name, items), None)
+            for name, items in map(parse_spec, args.arm)]
 
 
 def arms_table(args, arms):
