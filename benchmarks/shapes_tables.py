@@ -43,7 +43,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from progressive_denoising import PDMARForTextToImage, PDMPipeline  # noqa: E402
 from progressive_denoising import evaluation, shapes  # noqa: E402
-from progressive_denoising.vq import decode_codes, encode_to_codes, postprocess_images, preprocess_images  # noqa: E402
+from progressive_denoising.vq import (  # noqa: E402
+    decode_codes, encode_to_codes, postprocess_images, preprocess_images, vq_grid,
+)
 
 ORDER_ARMS = ("raster", "random", "quant-error", "reverse-quant-error")  # plus the autoregressive baseline
 P_ERROR_ARMS = (0.0, 0.3, 0.5, 0.7, 1.0)
@@ -76,15 +78,16 @@ def generate_images(pipe, captions, seed, batch_size, guidance_scale, replaced=N
     return images, seconds
 
 
-def vq_reconstructions(pipe, real_images, batch_size):
-    """The real images through the pipeline's VQ model: the ceiling any code generator can reach."""
-    resolution = pipe.vqvae.config.sample_size
-    out = []
-    for start in range(0, len(real_images), batch_size):
-        pixels = preprocess_images(real_images[start:start + batch_size], resolution)
-        codes, _ = encode_to_codes(pipe.vqvae, pixels)
-        out += postprocess_images(decode_codes(pipe.vqvae, codes, pipe.model.config.token_grid_size), "pil")
-    return out
+def vq_round_trip(vqvae, images, batch_size):
+    """(codes (N, L), PIL reconstructions) of `images` through `vqvae`: the ceiling any code generator can reach."""
+    resolution = vqvae.config.sample_size
+    grid = vq_grid(vqvae, resolution)
+    codes, out = [], []
+    for start in range(0, len(images), batch_size):
+        batch_codes, _ = encode_to_codes(vqvae, preprocess_images(images[start:start + batch_size], resolution))
+        codes.append(batch_codes)
+        out += postprocess_images(decode_codes(vqvae, batch_codes, grid), "pil")
+    return torch.cat(codes), out
 
 
 def new_scenes(captions, size, seed=0):
@@ -127,7 +130,7 @@ def stages_table(args):
     """Table 4: alignment, FID and speed of one pipeline at several stage counts."""
     pipe, recogniser, real_images, captions, rows = load_pipeline_and_prompts(args)
     rows["VQ reconstruction"] = evaluation.evaluate_images(
-        recogniser, vq_reconstructions(pipe, real_images, args.batch_size), captions, real_images)
+        recogniser, vq_round_trip(pipe.vqvae, real_images, args.batch_size)[1], captions, real_images)
     num_tokens = pipe.model.config.num_image_tokens
     stage_counts = sorted({int(s) for s in args.stages.split(",")} | {num_tokens})
     for num_stages in stage_counts:

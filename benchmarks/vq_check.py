@@ -18,19 +18,7 @@ import torch
 from diffusers import VQModel
 
 from progressive_denoising import evaluation
-from progressive_denoising.vq import decode_codes, encode_to_codes, postprocess_images, preprocess_images
-
-
-def reconstruct(vqvae, images, batch_size=200):
-    """(codes (N, L), reconstructed PIL images) of `images`."""
-    resolution = vqvae.config.sample_size
-    codes, out = [], []
-    for start in range(0, len(images), batch_size):
-        batch_codes, _ = encode_to_codes(vqvae, preprocess_images(images[start:start + batch_size], resolution))
-        grid = int(batch_codes.shape[1] ** 0.5)
-        codes.append(batch_codes)
-        out += postprocess_images(decode_codes(vqvae, batch_codes, (grid, grid)), "pil")
-    return torch.cat(codes).numpy(), out
+from shapes_tables import vq_round_trip  # the reconstructions of the tables' "VQ reconstruction" row
 
 
 def code_entropy_given_patch(pixels, codes):
@@ -63,7 +51,8 @@ def main(argv=None):
     recogniser = evaluation.ShapesRecogniser.from_pretrained(args.recogniser)
     real = evaluation.load_split(args.data, "test")
     images, captions = [image.convert("RGB") for image in real["image"]], list(real["caption"])
-    codes, reconstructions = reconstruct(vqvae, images)
+    codes, reconstructions = vq_round_trip(vqvae, images, batch_size=200)
+    codes = codes.numpy()
     original = np.stack([np.asarray(image) for image in images])
     difference = np.abs(original.astype(int) - np.stack([np.asarray(image) for image in reconstructions]).astype(int))
     off = difference.max(-1) > 40
