@@ -19,7 +19,7 @@ import json
 import torch
 
 from progressive_denoising import PDMPipeline, evaluation
-from progressive_denoising.ordering import scores_to_ranks
+from progressive_denoising.ordering import scores_to_ranks, stage_schedule
 from progressive_denoising.vq import encode_to_codes, preprocess_images
 
 
@@ -38,8 +38,7 @@ def plant_errors(codes, num_errors, codebook_size, generator, shown=None):
 def last_stage_mask(quant_error, num_stages):
     """(batch, L) bool: the positions still `[MASK]` before the last stage of the quant-error order."""
     length = quant_error.shape[1]
-    last_group = length // num_stages  # stage_schedule's last group
-    return scores_to_ranks(quant_error) >= length - last_group
+    return scores_to_ranks(quant_error) >= length - stage_schedule(length, num_stages)[-1]
 
 
 @torch.no_grad()
