@@ -119,7 +119,8 @@ def build_stage_tuples(
         token_loss_positions: where the token labels are: `stage` (the paper's Z^t != 0: group t and the pseudo
             errors) or `masked` (every position still `[MASK]` in Y^{t-1}, and the pseudo errors). `generate`
             samples every code it writes from the token head at a masked position, so `masked` trains that
-            distribution at T times more positions per tuple; the state labels are the same either way.
+            distribution at about T / 2 times more positions per tuple (up to T times at the first stage); the state
+            labels are the same either way.
 
     Returns a dict with
         `image_tokens` (batch, L): Y^{t-1}, the ground truth of groups 1..t-1 (pseudo errors included), `[MASK]`
