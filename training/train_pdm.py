@@ -347,7 +347,7 @@ def train_loop(o, accelerator, model, optimizer, scheduler, train_loader, eval_l
     start, seconds_before = 0, 0.0
     if resume:
         accelerator.load_state(resume)
-        start, seconds_before = utils.checkpoint_step(resume), utils.checkpoint_seconds(resume)
+        start, seconds_before = utils.checkpoint_progress(resume)
         accelerator.print(f"resumed from {resume} at step {start}")
     # Training time excludes evaluation, sampling and saving, so runs with other eval settings compare fairly.
     clock = utils.TrainClock(seconds_before)

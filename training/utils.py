@@ -351,15 +351,12 @@ def resolve_checkpoint(resume_from_checkpoint, output_dir):
     return resume_from_checkpoint
 
 
-def checkpoint_step(path):
+def checkpoint_progress(path):
+    """(step, training seconds spent up to it) of the checkpoint at `path`; 0 seconds for checkpoints written before
+    the seconds were recorded."""
     with open(os.path.join(path, STEP_FILE)) as f:
-        return json.load(f)["step"]
-
-
-def checkpoint_seconds(path):
-    """Training seconds spent up to the checkpoint at `path` (0 for checkpoints written before this was recorded)."""
-    with open(os.path.join(path, STEP_FILE)) as f:
-        return json.load(f).get("train_seconds", 0.0)
+        progress = json.load(f)
+    return progress["step"], progress.get("train_seconds", 0.0)
 
 
 def save_checkpoint(accelerator, output_dir, step, limit, train_seconds=0.0):
