@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers.training_utils import EMAModel
 from transformers import AutoTokenizer, T5Config, get_cosine_schedule_with_warmup
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -269,7 +270,7 @@ def save_final(accelerator, model, tokenizer, vqvae, ema, o, metrics, sample_pat
         raw = type(raw)(raw.config)
         raw.load_state_dict(state_dict)
     if ema is not None:
-        ema.copy_to(raw)
+        ema.copy_to(utils.trainable_parameters(raw))
     raw.config.training_order, raw.config.num_stages = o.order, o.num_stages
     raw.config.token_loss_positions = o.token_loss_positions
     folder = os.path.join(o.output_dir, "final")
@@ -324,7 +325,7 @@ def main(argv=None):
 
         vqvae = VQModel.from_pretrained(o.vqvae).to(accelerator.device).eval()
     text = utils.TextStates(tokenizer, o.max_caption_length, cache=o.cache_text_states)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.learning_rate,
+    optimizer = torch.optim.AdamW(utils.trainable_parameters(model), lr=o.learning_rate,
                                   betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay)
     # The prepared scheduler steps once per process per update, hence the factor.
     scheduler = get_cosine_schedule_with_warmup(optimizer, o.warmup_steps * accelerator.num_processes,
@@ -335,7 +336,9 @@ def main(argv=None):
     eval_loader = accelerator.prepare(eval_loader) if eval_loader is not None else None
     ema = None
     if o.ema_decay is not None:  # after `prepare`: the averages live where the weights do (a GPU, say)
-        ema = utils.EMA(accelerator.unwrap_model(model), o.ema_decay)
+        # diffusers' EMA warms up (decay (1 + n) / (10 + n), at most ema_decay): a short run's average does not keep
+        # a large share of the random initial weights (0.999 ** 1000 = 37% with a fixed decay).
+        ema = EMAModel(utils.trainable_parameters(accelerator.unwrap_model(model)), decay=o.ema_decay, foreach=True)
         accelerator.register_for_checkpointing(ema)
     return train_loop(o, accelerator, model, optimizer, scheduler, train_loader, eval_loader, validation, tokenizer,
                       vqvae, text, ema)
@@ -376,7 +379,7 @@ def train_loop(o, accelerator, model, optimizer, scheduler, train_loader, eval_l
                 scheduler.step()
                 optimizer.zero_grad()
         if ema is not None:
-            ema.update(raw)
+            ema.step(utils.trainable_parameters(raw))
         loss, token_loss, state_loss = torch.stack(losses).mean(0).tolist()
         clock.stop()
         metrics = {"loss": loss, "token_loss": token_loss, "state_loss": state_loss, "lr": scheduler.get_last_lr()[0],
@@ -400,7 +403,7 @@ def save_snapshot(model, ema, folder, train_seconds):
     """The model as it would be saved now (EMA weights when kept), without optimizer state: one learning-curve point."""
     if ema is not None:
         model = copy.deepcopy(model)
-        ema.copy_to(model)
+        ema.copy_to(utils.trainable_parameters(model))
     model.save_pretrained(folder)
     with open(os.path.join(folder, "train_seconds.json"), "w") as f:
         json.dump({"train_seconds": train_seconds}, f)

@@ -297,30 +297,9 @@ class TextStates:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class EMA:
-    """EMA of a model's trainable parameters; `state_dict` makes it part of `accelerator.save_state`."""
-
-    def __init__(self, model, decay):
-        self.decay = decay
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    @torch.no_grad()
-    def update(self, model):
-        for name, param in model.named_parameters():
-            if name in self.shadow:
-                self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
-
-    @torch.no_grad()
-    def copy_to(self, model):
-        for name, param in model.named_parameters():
-            if name in self.shadow:
-                param.copy_(self.shadow[name].to(param.dtype))
-
-    def state_dict(self):
-        return {"decay": self.decay, "shadow": self.shadow}
-
-    def load_state_dict(self, state):
-        self.decay, self.shadow = state["decay"], state["shadow"]
+def trainable_parameters(model):
+    """The parameters an optimizer (and the EMA) follows, in a fixed order: EMA copies are matched by position."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 # ---------------------------------------------------------------------------------------------------------------
