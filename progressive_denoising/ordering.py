@@ -36,6 +36,16 @@ def cumulative_schedule(num_tokens: int, num_stages: int, device=None) -> torch.
     return sizes.cumsum(0)
 
 
+def fill_schedule(counts: torch.Tensor, num_stages: int) -> torch.Tensor:
+    """(batch, T + 1) long tensor: how many of a row's `counts` (batch,) positions to fill are fixed before stage t.
+
+    Row b follows `stage_schedule(counts[b], T)` (entry t is floor(t * n / T)); with n = L it is
+    `cumulative_schedule(L, T)` for every row. A row with fewer positions than stages leaves some stages empty.
+    """
+    steps = torch.arange(num_stages + 1, device=counts.device)
+    return counts.long().unsqueeze(1) * steps // num_stages
+
+
 def rand(shape, generator: Generators = None, device=None) -> torch.Tensor:
     """Uniform [0, 1) numbers of `shape`; with a list of generators, row b comes from generator b.
 

@@ -22,7 +22,7 @@ from .configuration_pdm import ORDERS, STATE_GENERATE, STATE_KEEP, STATE_REPLACE
 from .ordering import (
     IGNORE_INDEX,
     Generators,
-    cumulative_schedule,
+    fill_schedule,
     is_fixed_order,
     order_scores,
     rand,
@@ -591,10 +591,12 @@ class PDMForTextToImage(PDMPreTrainedModel):
         return_stages: bool = False,
         max_replacements: Optional[int] = None,
         callback_on_stage_end: Optional[Callable[[int, torch.Tensor], None]] = None,
+        init_codes: Optional[torch.LongTensor] = None,
+        keep_mask: Optional[torch.BoolTensor] = None,
     ):
         """Generate image codes from prompts in `num_stages` stages (section 3.1).
 
-        Starts from all `[MASK]`; each stage runs the decoder once, then
+        Starts from all `[MASK]` (or from `init_codes`: editing); each stage runs the decoder once, then
         - picks the masked positions to generate (their number follows `stage_schedule`): by the state head's
           "generate" probability for orders the model was trained on, by the fixed rule for `raster` / `random`;
         - picks already generated positions to replace: those the state head calls "replace" rather than "keep",
@@ -613,6 +615,11 @@ class PDMForTextToImage(PDMPreTrainedModel):
             generator: a `torch.Generator`, or one per output row (a batch then equals its rows one by one).
             return_stages: also return the codes after every stage and how many codes each stage replaced.
             callback_on_stage_end: called as `fn(stage_index, codes)` after every stage.
+            init_codes: (batch, L) or (batch * num_images_per_prompt, L) codes to start from: positions holding
+                `[MASK]` (`config.mask_token_id`) are filled, the stage schedule spreading them over the T stages;
+                the others are there from the start and, unless kept, may be replaced like generated codes.
+            keep_mask: (same shape) bool, True where a code of `init_codes` is never written (neither filled nor
+                replaced); kept positions may not hold `[MASK]`.
 
         Returns:
             `torch.LongTensor` of shape (batch * num_images_per_prompt, L), or a [`PDMGenerateOutput`] with the
@@ -627,17 +634,20 @@ class PDMForTextToImage(PDMPreTrainedModel):
             input_ids, attention_mask, guidance_scale, negative_input_ids, negative_attention_mask,
             num_images_per_prompt, generator,
         )
+        codes, keep = self._initial_codes(init_codes, keep_mask, input_ids.shape[0], num_images_per_prompt)
+        to_fill = codes == self.config.mask_token_id
         fixed_ranks = None
         if is_fixed_order(order):
-            fixed_ranks = scores_to_ranks(order_scores(order, batch_size, num_tokens, generator=generator, device=device))
-        cumulative = cumulative_schedule(num_tokens, num_stages, device)
+            scores = order_scores(order, batch_size, num_tokens, generator=generator, device=device)
+            # Only the positions to fill are ranked (the others rank last); with nothing given that is all of them.
+            fixed_ranks = scores_to_ranks(scores.masked_fill(~to_fill, float("inf")))
+        cumulative = fill_schedule(to_fill.sum(-1), num_stages)
         limit = num_tokens if max_replacements is None else max_replacements
 
-        codes = torch.full((batch_size, num_tokens), self.config.mask_token_id, dtype=torch.long, device=device)
         stages, replaced = [], []
         for stage in range(num_stages):
             codes, replace = self._stage_step(
-                codes, stage, cumulative, limit, fixed_ranks, text_key_values, text_mask, guidance_scale,
+                codes, keep, stage, cumulative, limit, fixed_ranks, text_key_values, text_mask, guidance_scale,
                 temperature, top_k, top_p, generator,
             )
             if return_stages:
@@ -649,8 +659,41 @@ class PDMForTextToImage(PDMPreTrainedModel):
             return PDMGenerateOutput(codes=codes, stages=torch.stack(stages, dim=1), replaced=torch.stack(replaced, 1))
         return codes
 
-    def _stage_step(self, codes, stage, cumulative, limit, fixed_ranks, text_key_values, text_mask, guidance_scale,
-                    temperature, top_k, top_p, generator):
+    def _initial_codes(self, init_codes, keep_mask, num_prompts, num_images_per_prompt):
+        """(codes, keep) of shape (batch, L) that the first stage starts from: all `[MASK]` and nothing kept, or
+        `init_codes` / `keep_mask` checked and repeated for `num_images_per_prompt`."""
+        device, num_tokens, mask_id = self.device, self.config.num_image_tokens, self.config.mask_token_id
+        batch_size = num_prompts * num_images_per_prompt
+        if init_codes is None:
+            if keep_mask is not None:
+                raise ValueError("keep_mask needs init_codes: the codes to keep")
+            codes = torch.full((batch_size, num_tokens), mask_id, dtype=torch.long, device=device)
+            return codes, torch.zeros_like(codes, dtype=torch.bool)
+        rows = (num_prompts, batch_size)
+        if not isinstance(init_codes, torch.Tensor) or init_codes.dim() != 2 or init_codes.shape[0] not in rows \
+                or init_codes.shape[1] != num_tokens or init_codes.dtype.is_floating_point:
+            raise ValueError(
+                f"init_codes must be an integer tensor of shape ({num_prompts}, {num_tokens}) or ({batch_size}, "
+                f"{num_tokens}) (prompts or images x L), got {getattr(init_codes, 'shape', init_codes)!r}"
+            )
+        if init_codes.numel() and (int(init_codes.min()) < 0 or int(init_codes.max()) > mask_id):
+            raise ValueError(f"init_codes must lie in [0, {mask_id}] (codes 0..K-1 and [MASK] = {mask_id})")
+        if keep_mask is None:
+            keep_mask = torch.zeros_like(init_codes, dtype=torch.bool)
+        if not isinstance(keep_mask, torch.Tensor) or keep_mask.dtype != torch.bool or keep_mask.shape != init_codes.shape:
+            raise ValueError(
+                f"keep_mask must be a bool tensor of the shape of init_codes {tuple(init_codes.shape)}, got "
+                f"{getattr(keep_mask, 'dtype', type(keep_mask).__name__)} {tuple(getattr(keep_mask, 'shape', ()))}"
+            )
+        if (keep_mask & (init_codes == mask_id)).any():
+            raise ValueError("keep_mask keeps positions whose init_codes are [MASK]: a kept position needs a code")
+        codes, keep = init_codes.to(device), keep_mask.to(device)
+        if codes.shape[0] != batch_size:
+            codes, keep = (x.repeat_interleave(num_images_per_prompt, 0) for x in (codes, keep))
+        return codes.long().clone(), keep
+
+    def _stage_step(self, codes, keep, stage, cumulative, limit, fixed_ranks, text_key_values, text_mask,
+                    guidance_scale, temperature, top_k, top_p, generator):
         """One stage: Y^t -> Y^{t+1}, and the (batch, L) positions it replaced.
 
         The decoder pass keeps the same shapes at every stage (one compiled graph serves them all); guidance and
@@ -664,16 +707,16 @@ class PDMForTextToImage(PDMPreTrainedModel):
         state_logits = state_logits.float()
 
         masked = codes == self.config.mask_token_id
-        num_generate = cumulative[stage + 1] - cumulative[stage]
+        before, after = cumulative[:, stage : stage + 1], cumulative[:, stage + 1 : stage + 2]  # (batch, 1) each
         if fixed_ranks is not None:
-            generate = (fixed_ranks >= cumulative[stage]) & (fixed_ranks < cumulative[stage + 1])
+            generate = (fixed_ranks >= before) & (fixed_ranks < after)
         else:
             # Ranked by p(generate) (section 3.1): the raw logit would ignore how strongly keep or replace compete.
-            generate = self._select(state_logits.log_softmax(-1)[..., STATE_GENERATE], masked, num_generate)
+            generate = self._select(state_logits.log_softmax(-1)[..., STATE_GENERATE], masked, after - before)
         # Bound of section 3.1: no more replacements than codes generated in the stage before.
-        generated_last_stage = cumulative[stage] - cumulative[max(stage - 1, 0)]
+        generated_last_stage = before - cumulative[:, max(stage - 1, 0) : max(stage - 1, 0) + 1]
         num_replace = torch.clamp(generated_last_stage, max=limit)
-        replace = self.choose_replacements(state_logits, ~masked, num_replace)
+        replace = self.choose_replacements(state_logits, ~masked & ~keep, num_replace)
 
         rows, positions = (generate | replace).nonzero(as_tuple=True)  # example order, as `sample_codes_at` needs
         if use_guidance:
