@@ -23,11 +23,17 @@ _LAZY_NAMES = {
     "PDMARForTextToImage": "modeling_ar",
     "PDMPipeline": "pipeline_pdm",
     "PDMPipelineOutput": "pipeline_pdm",
+    "PDMInpaintPipeline": "pipeline_pdm_edit",
+    "PDMImg2ImgPipeline": "pipeline_pdm_edit",
+    "PDMRevisePipeline": "pipeline_pdm_edit",
+    "PDMEditPipelineOutput": "pipeline_pdm_edit",
+    "shift_for_outpainting": "pipeline_pdm_edit",
     "stage_schedule": "ordering",
 }
 # Names whose use needs every model class registered with the Auto classes (`PDMPipeline.from_pretrained` loads its
 # model through `AutoModel`).
-_NEEDS_REGISTRATION = {"PDMConfig", "PDMARConfig", "PDMForTextToImage", "PDMARForTextToImage", "PDMPipeline"}
+_NEEDS_REGISTRATION = {"PDMConfig", "PDMARConfig", "PDMForTextToImage", "PDMARForTextToImage", "PDMPipeline",
+                       "PDMInpaintPipeline", "PDMImg2ImgPipeline", "PDMRevisePipeline"}
 
 __all__ = sorted(_LAZY_NAMES)
 
@@ -37,6 +43,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` impor
     from .modeling_pdm import PDMForTextToImage, PDMGenerateOutput, PDMOutput
     from .ordering import stage_schedule
     from .pipeline_pdm import PDMPipeline, PDMPipelineOutput
+    from .pipeline_pdm_edit import (
+        PDMEditPipelineOutput,
+        PDMImg2ImgPipeline,
+        PDMInpaintPipeline,
+        PDMRevisePipeline,
+        shift_for_outpainting,
+    )
 
 
 def __getattr__(name):

@@ -305,6 +305,31 @@ class PDMPipeline(DiffusionPipeline):
             return codes
         return self.image_processor.postprocess(self.decode_codes(codes), output_type=output_type)
 
+    def run_stages(self, input_ids, attention_mask, num_inference_steps, callback_on_step_end=None,
+                   callback_on_step_end_tensor_inputs=("codes",), callback_on_stage_end=None, **generate_kwargs):
+        """The model's `generate` over `num_inference_steps` stages, with the progress bar and the callbacks of
+        `__call__`; `generate_kwargs` go to `generate` as they are (`init_codes` and `keep_mask` when editing)."""
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+
+            def on_stage_end(stage, codes):
+                if callback_on_step_end is not None:
+                    tensors = {"codes": codes}
+                    callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, stage, stage, callback_kwargs)
+                    new_codes = callback_outputs.pop("codes", codes)
+                    if new_codes is not codes:
+                        codes.copy_(new_codes)  # in place: `generate` goes on from this tensor
+                if callback_on_stage_end is not None:
+                    callback_on_stage_end(self, stage, codes)
+                progress_bar.update()
+
+            # `generate` runs the model's submodules, not its `forward`, which is what an offload hook wraps: run it
+            # through the hook as `VQModel.decode` is, so `enable_model_cpu_offload` moves the model first.
+            return apply_forward_hook(type(self.model).generate)(
+                self.model, input_ids, attention_mask, num_stages=num_inference_steps,
+                callback_on_stage_end=on_stage_end, **generate_kwargs,
+            )
+
     @torch.no_grad()
     def __call__(
         self,
@@ -376,31 +401,13 @@ class PDMPipeline(DiffusionPipeline):
         if negative_prompt is not None and guidance_scale != 1.0:  # without guidance it is unused (`check_inputs`)
             negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
             negative_ids, negative_mask = self.encode_prompt(negatives)
-
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
-
-            def on_stage_end(stage, codes):
-                if callback_on_step_end is not None:
-                    tensors = {"codes": codes}
-                    callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, stage, stage, callback_kwargs)
-                    new_codes = callback_outputs.pop("codes", codes)
-                    if new_codes is not codes:
-                        codes.copy_(new_codes)  # in place: `generate` goes on from this tensor
-                if callback_on_stage_end is not None:
-                    callback_on_stage_end(self, stage, codes)
-                progress_bar.update()
-
-            # `generate` runs the model's submodules, not its `forward`, which is what an offload hook wraps: run it
-            # through the hook as `VQModel.decode` is, so `enable_model_cpu_offload` moves the model first.
-            result = apply_forward_hook(type(self.model).generate)(
-                self.model, input_ids, attention_mask, num_stages=num_inference_steps, order=order,
-                temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
-                negative_input_ids=negative_ids, negative_attention_mask=negative_mask,
-                num_images_per_prompt=num_images_per_prompt, generator=generator, return_stages=return_stages,
-                max_replacements=max_replacements, callback_on_stage_end=on_stage_end,
-            )
-
+        result = self.run_stages(
+            input_ids, attention_mask, num_inference_steps, callback_on_step_end, callback_on_step_end_tensor_inputs,
+            callback_on_stage_end=callback_on_stage_end, order=order, temperature=temperature, top_k=top_k,
+            top_p=top_p, guidance_scale=guidance_scale, negative_input_ids=negative_ids,
+            negative_attention_mask=negative_mask, num_images_per_prompt=num_images_per_prompt, generator=generator,
+            return_stages=return_stages, max_replacements=max_replacements,
+        )
         codes, stages = (result.codes, result.stages) if return_stages else (result, None)
         images = self._format(codes, output_type)
         if stages is not None and output_type != "codes":
