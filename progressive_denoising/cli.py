@@ -15,6 +15,7 @@ from .commands.base import DEBUG_ENV
 
 COMMANDS = {
     "generate": ("progressive_denoising.commands.generate", "write images for a prompt with a PDM pipeline"),
+    "edit": ("progressive_denoising.commands.edit", "inpaint, img2img or revise an image with a PDM pipeline"),
     "convert-vqgan": ("progressive_denoising.commands.convert_vqgan",
                       "convert a taming-transformers VQGAN to a diffusers VQModel"),
     "tokenize": ("progressive_denoising.commands.tokenize", "pre-tokenize an image-text data set into VQ codes"),

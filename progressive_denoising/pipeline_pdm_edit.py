@@ -67,6 +67,20 @@ def shift_for_outpainting(image: PIL.Image.Image, dx: int, dy: int) -> Tuple[PIL
     return canvas, mask
 
 
+def two_class_split(values: torch.Tensor) -> torch.Tensor:
+    """Threshold of 1-D `values` that splits them into the two groups with the largest between-group variance
+    (Otsu's rule): the midpoint between the last value of the lower group and the first of the upper one."""
+    ordered = values.float().sort().values
+    if ordered.numel() < 2:
+        return ordered.min() - 1 if ordered.numel() else torch.tensor(float("inf"))
+    count = ordered.numel()
+    lower = torch.arange(1, count, device=ordered.device, dtype=torch.float32)  # size of the lower group
+    lower_sum = ordered.cumsum(0)[:-1]
+    between = lower * (count - lower) * (lower_sum / lower - (ordered.sum() - lower_sum) / (count - lower)) ** 2
+    split = int(between.argmax())
+    return (ordered[split] + ordered[split + 1]) / 2
+
+
 class PDMEditPipeline(PDMPipeline):
     """What the editing pipelines share: reading images and masks, the state head's verdict on an image's codes,
     and the run of the stages from given codes. Use one of its subclasses."""
@@ -103,6 +117,7 @@ class PDMEditPipeline(PDMPipeline):
                              "prompt")
         return tensor.expand(num_prompts, *tensor.shape[1:])
 
+    @torch.no_grad()
     def encode_image(self, image: PipelineImageInput, num_prompts: int) -> torch.LongTensor:
         """(num_prompts, L) VQ codes of `image` (one image, or one per prompt)."""
         pixels = self._preprocess(image, "image", self.image_processor, num_prompts)
@@ -299,9 +314,13 @@ class PDMImg2ImgPipeline(PDMEditPipeline):
 class PDMRevisePipeline(PDMEditPipeline):
     r"""Revise an image to follow a new prompt, rewriting only what the model itself finds wrong.
 
-    One decoder pass reads the image's codes with the new prompt; every code the state head would replace
-    (p(replace) > p(keep)) is opened, at most `max_edits` (the most confident first), and only inside `mask_image`
-    when one is given. The opened codes are generated anew in stages, and during the stages the state head may
+    One decoder pass reads the image's codes with the new prompt and the state head gives every code a margin
+    log p(replace) - log p(keep). The codes opened are the group the model distrusts most: the upper group of a
+    two-group split of the image's margins (Otsu's rule; `threshold=None`, the default), or those above a fixed
+    `threshold` (0 is the paper's own decision, p(replace) > p(keep): on PDM-Shapes it finds a changed colour in a
+    quarter of the images and a changed shape almost never, see the README). At most `max_edits` are opened (the most
+    distrusted first), and only inside `mask_image` when one is given. The split always opens a group: on an image
+    that already follows the prompt it redraws the codes the model is least sure of (mostly the object's). The opened codes are generated anew in stages, and during the stages the state head may
     replace further codes of the region (section 3.3), bounded by the paper's rule and `max_replacements`. Outside
     the region nothing is written. For example "a large blue circle" on an image of a large red circle rewrites the
     circle and leaves the background.
@@ -313,6 +332,7 @@ class PDMRevisePipeline(PDMEditPipeline):
         prompt: Union[str, List[str]],
         image: PipelineImageInput,
         mask_image: Optional[PipelineImageInput] = None,
+        threshold: Optional[float] = None,
         max_edits: Optional[int] = None,
         negative_prompt: Optional[Union[str, List[str]]] = None,
         num_inference_steps: Optional[int] = None,
@@ -336,6 +356,8 @@ class PDMRevisePipeline(PDMEditPipeline):
             prompt: the new prompt, one or a list.
             image: the image to revise, one or one per prompt, of the size the model makes.
             mask_image: optional, same size: only codes with a white pixel may change (default: all codes).
+            threshold: None: open the upper group of a two-group split of the margins; a number: open the codes whose
+                margin log p(replace) - log p(keep) exceeds it (0: the paper's replace decision).
             max_edits: at most this many codes opened at the start, the most confident first (default: no cap).
             num_inference_steps: stages T (default the model's `num_stages`; at most the number of codes opened).
             max_replacements: cap on the codes replaced per stage inside the region (0: only the opened codes change).
@@ -347,6 +369,9 @@ class PDMRevisePipeline(PDMEditPipeline):
         """
         if max_edits is not None and (isinstance(max_edits, bool) or not isinstance(max_edits, int) or max_edits < 0):
             raise ValueError(f"max_edits must be None or an integer >= 0, got {max_edits!r}")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not np.isfinite(threshold)):
+            raise ValueError(f"threshold must be None or a finite number, got {threshold!r}")
         prompts = self.check_edit_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale,
                                          num_images_per_prompt, output_type, generator,
                                          callback_on_step_end_tensor_inputs)
@@ -356,7 +381,11 @@ class PDMRevisePipeline(PDMEditPipeline):
             region = self.mask_to_codes(mask_image, len(prompts))
         input_ids, attention_mask = self.encode_prompt(prompts)
         margin = self.replace_margin(input_ids, attention_mask, codes).masked_fill(~region, float("-inf"))
-        edit_mask = margin > 0
+        if threshold is None:
+            cuts = torch.stack([two_class_split(row[inside]) for row, inside in zip(margin, region)])
+        else:
+            cuts = torch.full((margin.shape[0],), float(threshold), device=margin.device)
+        edit_mask = margin > cuts.to(margin.device).unsqueeze(1)
         if max_edits is not None:
             ranks = margin.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
             edit_mask &= ranks < max_edits

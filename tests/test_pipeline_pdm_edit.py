@@ -14,6 +14,7 @@ from progressive_denoising import (
     PDMRevisePipeline,
     shift_for_outpainting,
 )
+from progressive_denoising.pipeline_pdm_edit import two_class_split
 from test_generate import force_state_head
 from tiny import tiny_model, tiny_tokenizer, tiny_vqmodel
 
@@ -118,18 +119,37 @@ def test_revise_rewrites_what_the_state_head_would_replace_and_nothing_outside_t
     eager = make(PDMRevisePipeline, replace=5.0)  # the state head calls every code "replace"
     image = picture()
     codes = eager.encode_image(image, 1)
-    out = eager(PROMPTS[0], image, mask_image=left_half_mask(), output_type="codes", generator=gens(1))
+    out = eager(PROMPTS[0], image, mask_image=left_half_mask(), threshold=0.0, output_type="codes", generator=gens(1))
     region = eager.mask_to_codes(left_half_mask(), 1)[0]
     assert torch.equal(out.edit_mask[0], region)
     assert torch.equal(out.images[0][~region], codes[0][~region])
-    capped = eager(PROMPTS[0], image, max_edits=3, output_type="codes", generator=gens(1))
+    capped = eager(PROMPTS[0], image, threshold=0.0, max_edits=3, output_type="codes", generator=gens(1))
     assert capped.edit_mask.sum() == 3
 
     content = make(PDMRevisePipeline, keep=5.0)  # nothing looks wrong to it
-    out = content(PROMPTS[0], image, output_type="codes", generator=gens(1))
+    out = content(PROMPTS[0], image, threshold=0.0, output_type="codes", generator=gens(1))
     assert out.changed.item() == 0 and not out.edit_mask.any() and torch.equal(out.images, codes)
     with pytest.raises(ValueError, match="max_edits"):
         content(PROMPTS[0], image, max_edits=-1)
+    with pytest.raises(ValueError, match="threshold must be None or a finite number"):
+        content(PROMPTS[0], image, threshold=float("nan"))
+
+
+def test_two_class_split_separates_the_distrusted_group():
+    assert -9 < two_class_split(torch.tensor([-10.0, 3.0, -10.5, -9.0, 2.0])) < 2
+    assert two_class_split(torch.tensor([1.0])) < 1  # a lone code is its own upper group
+
+
+def test_revise_by_default_opens_the_upper_group_of_each_image_margins():
+    pipe = make(PDMRevisePipeline)
+    images = [picture(0), picture(1)]
+    codes = pipe.encode_image(images, 2)
+    ids, mask = pipe.encode_prompt(PROMPTS)
+    margin = pipe.replace_margin(ids, mask, codes)
+    out = pipe(PROMPTS, images, output_type="codes", generator=gens(2))
+    for row in range(2):
+        assert torch.equal(out.edit_mask[row], margin[row] > two_class_split(margin[row]))
+        assert 0 < out.edit_mask[row].sum() < codes.shape[1]
 
 
 @pytest.mark.parametrize("cls", [PDMInpaintPipeline, PDMRevisePipeline])
@@ -160,3 +180,51 @@ def test_editing_pipelines_load_a_saved_text_to_image_folder(tmp_path):
     assert from_pipe.model is base.model and from_pipe.vqvae is base.vqvae
     out = pipe(PROMPTS[0], picture(), left_half_mask(), output_type="np", generator=gens(1))
     assert out.images.shape == (1, 16, 16, 3)
+
+
+@pytest.fixture(scope="module")
+def edit_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("edit")
+    make(PDMPipeline).save_pretrained(folder / "pipeline")
+    picture().save(folder / "in.png")
+    left_half_mask().save(folder / "mask.png")
+    return folder
+
+
+@pytest.mark.parametrize("mode, extra", [("inpaint", ["--mask", "mask.png"]), ("img2img", ["--strength", "0.25"]),
+                                         ("revise", ["--mask", "mask.png", "--max-edits", "3"])])
+def test_pdm_edit_writes_the_edited_image(edit_files, mode, extra, capsys, monkeypatch):
+    from progressive_denoising.cli import main as pdm_main
+
+    monkeypatch.chdir(edit_files)
+    out = f"{mode}.png"
+    assert pdm_main(["edit", mode, PROMPTS[0], "--image", "in.png", "--model", "pipeline", "--out", out,
+                     "--num-images", "2", *extra]) == 0
+    assert f"wrote {out} ({mode}: " in capsys.readouterr().out
+    assert PIL.Image.open(edit_files / out).size == (32, 16)  # two edits side by side
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["inpaint", "p", "--image", "in.png"], "--mask"),
+        (["img2img", "p", "--image", "in.png", "--mask", "mask.png"], "--mask"),
+        (["img2img", "p", "--image", "in.png", "--strength", "1.5"], "--strength"),
+        (["revise", "p", "--image", "in.png", "--strength", "0.5"], "--strength"),
+        (["inpaint", "p", "--image", "in.png", "--mask", "mask.png", "--threshold", "0"], "--threshold"),
+        (["revise", "p", "--image", "missing.png"], "--image"),
+        (["revise", "p", "--image", "mask.png", "--mask", "small.png"], "--mask"),
+        (["revise", "p", "--image", "small.png"], "--image"),
+        (["revise", "p", "--image", "in.png", "--steps", "99"], "--steps"),
+    ],
+)
+def test_pdm_edit_errors_name_the_flag(edit_files, argv, flag, capsys, monkeypatch):
+    from progressive_denoising.cli import main as pdm_main
+
+    monkeypatch.chdir(edit_files)
+    picture(size=8).save(edit_files / "small.png")
+    with pytest.raises(SystemExit) as exit_:
+        pdm_main(["edit", *argv, "--model", "pipeline", "--out", "never.png"])
+    assert exit_.value.code == 2
+    assert f"argument {flag}:" in capsys.readouterr().err
+    assert not (edit_files / "never.png").exists()
