@@ -80,7 +80,7 @@ class Options:
     max_grad_norm: Optional[float] = 1.0
     gradient_accumulation_steps: int = 1
     mixed_precision: Optional[str] = None  # no / fp16 / bf16; null keeps what `accelerate launch` says
-    ema_decay: Optional[float] = None
+    ema_decay: Optional[float] = None  # diffusers EMAModel: the decay warms up as (1 + n) / (10 + n) to this
     gradient_checkpointing: bool = False
     cache_text_states: bool = False
     seed: int = 0
