@@ -29,6 +29,7 @@ from diffusers.utils import BaseOutput
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .configuration_pdm import STATE_KEEP, STATE_REPLACE
+from .ordering import scores_to_ranks
 from .pipeline_pdm import PDMPipeline
 from .vq import encode_to_codes
 
@@ -137,12 +138,6 @@ class PDMEditPipeline(PDMPipeline):
         log_probs = state_logits.float().log_softmax(-1)
         return log_probs[..., STATE_REPLACE] - log_probs[..., STATE_KEEP]
 
-    def check_edit_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
-                          output_type, generator, callback_on_step_end_tensor_inputs) -> List[str]:
-        num_inference_steps = self.model.config.num_stages if num_inference_steps is None else num_inference_steps
-        return self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
-                                 output_type, generator, callback_on_step_end_tensor_inputs)
-
     def edit(
         self,
         codes: torch.LongTensor,
@@ -166,22 +161,16 @@ class PDMEditPipeline(PDMPipeline):
         num_stages = max(1, min(num_stages, int(edit_mask.sum(-1).max())))
         self._guidance_scale = generate_kwargs.get("guidance_scale", 1.0)
         self._num_timesteps = num_stages
-        negative_ids = negative_mask = None
-        if negative_prompt is not None and self._guidance_scale != 1.0:
-            negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
-            negative_ids, negative_mask = self.encode_prompt(negatives)
+        negative_ids, negative_mask = self.encode_negative_prompt(negative_prompt, self._guidance_scale)
         init_codes = codes.masked_fill(edit_mask, self.model.config.mask_token_id)
         result = self.run_stages(
             input_ids, attention_mask, num_stages, callback_on_step_end, callback_on_step_end_tensor_inputs,
             init_codes=init_codes, keep_mask=keep_mask, negative_input_ids=negative_ids,
             negative_attention_mask=negative_mask, return_stages=return_stages, **generate_kwargs,
         )
-        new_codes, stages = (result.codes, result.stages) if return_stages else (result, None)
+        new_codes, images, stages = self.format_result(result, return_stages, output_type)
         repeats = new_codes.shape[0] // codes.shape[0]  # num_images_per_prompt
         changed = (new_codes != codes.repeat_interleave(repeats, 0)).sum(-1)
-        images = self._format(new_codes, output_type)
-        if stages is not None and output_type != "codes":
-            stages = [self._format(stages[:, t], output_type) for t in range(stages.shape[1])]
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images, edit_mask.repeat_interleave(repeats, 0), changed)
@@ -232,9 +221,8 @@ class PDMInpaintPipeline(PDMEditPipeline):
             [`PDMEditPipelineOutput`] (`images`, `stages`, `edit_mask`, `changed`), or a tuple
             `(images, edit_mask, changed)` when `return_dict=False`.
         """
-        prompts = self.check_edit_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale,
-                                         num_images_per_prompt, output_type, generator,
-                                         callback_on_step_end_tensor_inputs)
+        prompts = self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale,
+                                    num_images_per_prompt, output_type, generator, callback_on_step_end_tensor_inputs)
         codes = self.encode_image(image, len(prompts))
         edit_mask = self.mask_to_codes(mask_image, len(prompts))
         input_ids, attention_mask = self.encode_prompt(prompts)
@@ -294,14 +282,13 @@ class PDMImg2ImgPipeline(PDMEditPipeline):
         """
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
             raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
-        prompts = self.check_edit_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale,
-                                         num_images_per_prompt, output_type, generator,
-                                         callback_on_step_end_tensor_inputs)
+        prompts = self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale,
+                                    num_images_per_prompt, output_type, generator, callback_on_step_end_tensor_inputs)
         codes = self.encode_image(image, len(prompts))
         input_ids, attention_mask = self.encode_prompt(prompts)
         num_open = round(strength * codes.shape[1])
         margin = self.replace_margin(input_ids, attention_mask, codes)
-        edit_mask = torch.zeros_like(codes, dtype=torch.bool).scatter_(1, margin.topk(num_open, dim=-1).indices, True)
+        edit_mask = scores_to_ranks(-margin) < num_open  # the least trusted first, ties in position order
         num_stages = self.model.config.num_stages if num_inference_steps is None else num_inference_steps
         num_stages = max(1, -(-num_stages * num_open // codes.shape[1]))  # ceil(T * strength) on the code count
         return self.edit(
@@ -372,9 +359,8 @@ class PDMRevisePipeline(PDMEditPipeline):
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                       or not np.isfinite(threshold)):
             raise ValueError(f"threshold must be None or a finite number, got {threshold!r}")
-        prompts = self.check_edit_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale,
-                                         num_images_per_prompt, output_type, generator,
-                                         callback_on_step_end_tensor_inputs)
+        prompts = self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale,
+                                    num_images_per_prompt, output_type, generator, callback_on_step_end_tensor_inputs)
         codes = self.encode_image(image, len(prompts))
         region = torch.ones_like(codes, dtype=torch.bool)
         if mask_image is not None:
@@ -387,8 +373,7 @@ class PDMRevisePipeline(PDMEditPipeline):
             cuts = torch.full((margin.shape[0],), float(threshold), device=margin.device)
         edit_mask = margin > cuts.to(margin.device).unsqueeze(1)
         if max_edits is not None:
-            ranks = margin.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
-            edit_mask &= ranks < max_edits
+            edit_mask &= scores_to_ranks(-margin) < max_edits
         return self.edit(
             codes, edit_mask, ~region, input_ids, attention_mask, num_inference_steps, negative_prompt,
             output_type, return_stages, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs,

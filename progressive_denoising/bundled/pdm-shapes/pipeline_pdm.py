@@ -229,7 +229,8 @@ class PDMPipeline(DiffusionPipeline):
                 logger.warning("negative_prompt is ignored at guidance_scale 1.0 (no guidance): pass "
                                "guidance_scale > 1 to guide away from it")
         num_tokens = self.model.config.num_image_tokens
-        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= num_tokens:
+        if num_inference_steps is not None and (not isinstance(num_inference_steps, int)
+                                                or not 1 <= num_inference_steps <= num_tokens):
             raise ValueError(f"num_inference_steps must be an integer between 1 and {num_tokens}, got {num_inference_steps!r}")
         # guidance_scale, temperature, top_k, top_p and order are the model's arguments: `generate` checks them.
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
@@ -304,6 +305,21 @@ class PDMPipeline(DiffusionPipeline):
         if output_type == "codes":
             return codes
         return self.image_processor.postprocess(self.decode_codes(codes), output_type=output_type)
+
+    def encode_negative_prompt(self, negative_prompt, guidance_scale):
+        """Token ids and mask of the negative prompt(s), or (None, None) where none is given or there is no guidance
+        to use it (`check_inputs` warns about the latter)."""
+        if negative_prompt is None or guidance_scale == 1.0:
+            return None, None
+        return self.encode_prompt([negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt))
+
+    def format_result(self, result, return_stages: bool, output_type: str):
+        """(codes, images, stages) of what `run_stages` returned: the final codes, them as `output_type`, and with
+        `return_stages` the image after every stage (a (batch, T, L) tensor for `output_type="codes"`)."""
+        codes, stages = (result.codes, result.stages) if return_stages else (result, None)
+        if stages is not None and output_type != "codes":
+            stages = [self._format(stages[:, t], output_type) for t in range(stages.shape[1])]
+        return codes, self._format(codes, output_type), stages
 
     def run_stages(self, input_ids, attention_mask, num_inference_steps, callback_on_step_end=None,
                    callback_on_step_end_tensor_inputs=("codes",), callback_on_stage_end=None, **generate_kwargs):
@@ -397,10 +413,7 @@ class PDMPipeline(DiffusionPipeline):
         self._num_timesteps = num_inference_steps
 
         input_ids, attention_mask = self.encode_prompt(prompts)
-        negative_ids = negative_mask = None
-        if negative_prompt is not None and guidance_scale != 1.0:  # without guidance it is unused (`check_inputs`)
-            negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
-            negative_ids, negative_mask = self.encode_prompt(negatives)
+        negative_ids, negative_mask = self.encode_negative_prompt(negative_prompt, guidance_scale)
         result = self.run_stages(
             input_ids, attention_mask, num_inference_steps, callback_on_step_end, callback_on_step_end_tensor_inputs,
             callback_on_stage_end=callback_on_stage_end, order=order, temperature=temperature, top_k=top_k,
@@ -408,10 +421,7 @@ class PDMPipeline(DiffusionPipeline):
             negative_attention_mask=negative_mask, num_images_per_prompt=num_images_per_prompt, generator=generator,
             return_stages=return_stages, max_replacements=max_replacements,
         )
-        codes, stages = (result.codes, result.stages) if return_stages else (result, None)
-        images = self._format(codes, output_type)
-        if stages is not None and output_type != "codes":
-            stages = [self._format(stages[:, t], output_type) for t in range(stages.shape[1])]
+        _, images, stages = self.format_result(result, return_stages, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,) if stages is None else (images, stages)
