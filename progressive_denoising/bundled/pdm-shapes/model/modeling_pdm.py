@@ -707,14 +707,14 @@ class PDMForTextToImage(PDMPreTrainedModel):
         state_logits = state_logits.float()
 
         masked = codes == self.config.mask_token_id
-        before, after = cumulative[:, stage : stage + 1], cumulative[:, stage + 1 : stage + 2]  # (batch, 1) each
+        before, after = cumulative[:, stage, None], cumulative[:, stage + 1, None]  # (batch, 1) each
         if fixed_ranks is not None:
             generate = (fixed_ranks >= before) & (fixed_ranks < after)
         else:
             # Ranked by p(generate) (section 3.1): the raw logit would ignore how strongly keep or replace compete.
             generate = self._select(state_logits.log_softmax(-1)[..., STATE_GENERATE], masked, after - before)
         # Bound of section 3.1: no more replacements than codes generated in the stage before.
-        generated_last_stage = before - cumulative[:, max(stage - 1, 0) : max(stage - 1, 0) + 1]
+        generated_last_stage = before - cumulative[:, max(stage - 1, 0), None]
         num_replace = torch.clamp(generated_last_stage, max=limit)
         replace = self.choose_replacements(state_logits, ~masked & ~keep, num_replace)
 

@@ -32,8 +32,8 @@ def stage_schedule(num_tokens: int, num_stages: int) -> list:
 
 def cumulative_schedule(num_tokens: int, num_stages: int, device=None) -> torch.Tensor:
     """(T + 1,) long tensor: how many codes are fixed before stage t (entry t) and after the last stage (entry T)."""
-    sizes = torch.tensor([0] + stage_schedule(num_tokens, num_stages), device=device)
-    return sizes.cumsum(0)
+    stage_schedule(num_tokens, num_stages)  # its check of num_stages
+    return fill_schedule(torch.tensor([num_tokens], device=device), num_stages)[0]
 
 
 def fill_schedule(counts: torch.Tensor, num_stages: int) -> torch.Tensor:
