@@ -115,6 +115,7 @@ def build_stage_tuples(
     p_error: float = 0.0,
     generator: Optional[torch.Generator] = None,
     token_loss_positions: str = "stage",
+    known: Optional[torch.Tensor] = None,
 ) -> dict:
     """Training tuples (Y^{t-1}, Z^t, Y^t) of eq. 4 with pseudo errors (section 3.3), for a whole batch at once.
 
@@ -131,6 +132,9 @@ def build_stage_tuples(
             samples every code it writes from the token head at a masked position, so `masked` trains that
             distribution at about T / 2 times more positions per tuple (up to T times at the first stage); the state
             labels are the same either way.
+        known: optional (batch, L) bool, codes given from the start, as an edit keeps them (`generate`'s
+            `keep_mask`): shown at every stage, and the stage schedule covers the other positions only
+            (`fill_schedule`), in the order of `ranks`.
 
     Returns a dict with
         `image_tokens` (batch, L): Y^{t-1}, the ground truth of groups 1..t-1 (pseudo errors included), `[MASK]`
@@ -150,14 +154,23 @@ def build_stage_tuples(
     stages = stages.to(device)
     if (stages < 1).any() or (stages > num_stages).any():
         raise ValueError(f"stages must be in 1..{num_stages}")
-    cumulative = cumulative_schedule(num_tokens, num_stages, device)
-    shown_before = cumulative[stages - 1].unsqueeze(1)  # codes fixed before stage t
-    fixed_after = cumulative[stages].unsqueeze(1)
+    if known is None:
+        known = torch.zeros_like(codes, dtype=torch.bool)
+    if known.shape != codes.shape or known.dtype != torch.bool:
+        raise ValueError(f"known must be a bool tensor of shape {tuple(codes.shape)}, got {known.dtype} {tuple(known.shape)}")
+    known = known.to(device)
+    num_known = known.sum(-1, keepdim=True)
+    # The known positions rank first, the others keep their order after them; the schedule spreads the others.
+    ranks = scores_to_ranks(ranks.masked_fill(known, -1))
+    cumulative = num_known + fill_schedule(num_tokens - num_known.squeeze(1), num_stages)  # (batch, T + 1)
+    rows = torch.arange(batch_size, device=device)
+    shown_before = cumulative[rows, stages - 1].unsqueeze(1)  # codes fixed before stage t
+    fixed_after = cumulative[rows, stages].unsqueeze(1)
     shown = ranks < shown_before
     generate = (ranks >= shown_before) & (ranks < fixed_after)
 
     # Pseudo errors: a random number k in 1..(last group's size) of the shown positions, chosen uniformly.
-    last_group = shown_before.squeeze(1) - cumulative[(stages - 2).clamp(min=0)]
+    last_group = shown_before.squeeze(1) - cumulative[rows, (stages - 2).clamp(min=0)]
     has_error = (torch.rand(batch_size, generator=generator, device=device) < p_error) & (last_group > 0)
     num_errors = (torch.rand(batch_size, generator=generator, device=device) * last_group).long() + 1
     num_errors = torch.where(has_error, num_errors, torch.zeros_like(num_errors))

@@ -186,3 +186,53 @@ def test_tuples_reject_bad_arguments():
         build_stage_tuples(codes, ranks, torch.tensor([1, 1]), 4, MASK, K, token_loss_positions="all")
     with pytest.raises(ValueError, match="codes and ranks"):
         build_stage_tuples(codes, ranks[:, :8], torch.tensor([1, 1]), 4, MASK, K)
+
+
+# -- known regions (editing) -------------------------------------------------------------------------------------
+
+
+def known_rows(batch, num_tokens, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    known = torch.rand(batch, num_tokens, generator=g) < 0.4
+    known[0] = False  # a row with nothing known
+    return known
+
+
+@pytest.mark.parametrize("num_stages", [1, 3, 4])
+def test_known_codes_are_shown_at_every_stage_and_the_schedule_covers_the_others(num_stages):
+    from progressive_denoising.ordering import fill_schedule
+
+    batch, num_tokens = 4, 12
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, K, (batch, num_tokens), generator=g)
+    ranks = ranks_of("random", batch, num_tokens, generator=g)
+    known = known_rows(batch, num_tokens)
+    schedule = fill_schedule((~known).sum(-1), num_stages)
+    for stage in range(1, num_stages + 1):
+        stages = torch.full((batch,), stage)
+        out = build_stage_tuples(codes, ranks, stages, num_stages, MASK, K, known=known)
+        assert torch.equal(out["image_tokens"][known], codes[known])
+        assert (out["state_labels"][known] == STATE_KEEP).all()
+        shown_unknown = ((out["image_tokens"] != MASK) & ~known).sum(-1)
+        assert torch.equal(shown_unknown, schedule[:, stage - 1])
+        assert torch.equal((out["state_labels"] == STATE_GENERATE).sum(-1), schedule[:, stage] - schedule[:, stage - 1])
+        # among the unknown positions the order of `ranks` is kept: the shown ones rank before the masked ones
+        for row in range(batch):
+            unknown = ~known[row]
+            shown = out["image_tokens"][row][unknown] != MASK
+            if shown.any() and (~shown).any():
+                assert ranks[row][unknown][shown].max() < ranks[row][unknown][~shown].min()
+
+
+def test_nothing_known_is_the_plain_tuple_with_the_same_random_draws():
+    batch, num_tokens = 5, 12
+    codes = torch.randint(0, K, (batch, num_tokens), generator=torch.Generator().manual_seed(1))
+    ranks = ranks_of("random", batch, num_tokens, generator=torch.Generator().manual_seed(2))
+    stages = torch.tensor([1, 2, 3, 4, 2])
+    plain = build_stage_tuples(codes, ranks, stages, 4, MASK, K, p_error=0.7, generator=torch.Generator().manual_seed(3))
+    none = build_stage_tuples(codes, ranks, stages, 4, MASK, K, p_error=0.7, generator=torch.Generator().manual_seed(3),
+                              known=torch.zeros(batch, num_tokens, dtype=torch.bool))
+    for key in plain:
+        assert torch.equal(plain[key], none[key]), key
+    with pytest.raises(ValueError, match="known must be a bool tensor"):
+        build_stage_tuples(codes, ranks, stages, 4, MASK, K, known=torch.zeros(batch, num_tokens))

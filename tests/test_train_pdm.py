@@ -173,3 +173,19 @@ def test_cached_text_states_give_the_same_loss_as_the_encoder():
     cached = model(**cache(model, captions, "cpu"), image_tokens=image_tokens)
     torch.testing.assert_close(direct.token_logits, cached.token_logits, rtol=1e-4, atol=1e-5)
     assert tokenizer("").input_ids == [1]  # caption dropout's empty prompt is the lone </s>
+
+
+def test_known_regions_are_boxes_or_their_complements_on_the_asked_share():
+    generator = torch.Generator().manual_seed(0)
+    known = utils.known_regions(2000, (4, 5), 0.5, generator)
+    assert known.shape == (2000, 20)
+    assert 0.45 < known.any(-1).float().mean().item() < 0.55  # an inpainting box can cover all: then nothing is known
+    for row in known[known.any(-1)][:200]:
+        grid = row.view(4, 5)
+        for candidate in (grid, ~grid):  # the known codes, or the others, form an axis-aligned box
+            ys, xs = candidate.nonzero(as_tuple=True)
+            if len(ys) and candidate[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].all():
+                break
+        else:
+            raise AssertionError(f"neither the known codes nor the others form a box:\n{grid.int()}")
+    assert not utils.known_regions(100, (4, 5), 0.0, generator).any()

@@ -69,6 +69,7 @@ class Options:
     p_error: float = 0.3
     token_loss_positions: str = "masked"  # or "stage" (the paper's group t); see ordering.build_stage_tuples
     caption_dropout: float = 0.1
+    known_region_share: float = 0.0  # share of tuples with a random box of codes known from the start (editing)
     # optimisation
     batch_size: int = 8  # per process
     max_steps: int = 1000
@@ -109,7 +110,7 @@ def check_options(o):
     utils.check_choice("model_type", o.model_type, tuple(MODEL_TYPES))
     utils.check_choice("token_loss_positions", o.token_loss_positions, TOKEN_LOSS_POSITIONS)
     utils.check_choice("tokenizer_level", o.tokenizer_level, LEVELS)
-    for name in ("p_error", "caption_dropout"):
+    for name in ("p_error", "caption_dropout", "known_region_share"):
         utils.check_range(name, getattr(o, name), 0.0, 1.0)
     for name in ("batch_size", "max_steps", "num_stages", "gradient_accumulation_steps", "checkpointing_steps",
                  "eval_steps", "snapshot_steps", "max_train_examples"):
@@ -212,7 +213,8 @@ def model_inputs(model, batch, o, text, generator, device, caption_dropout):
         targets = {"image_tokens": batch["codes"], "token_labels": batch["codes"]}
     else:
         targets = utils.stage_inputs(batch, o.order, o.num_stages, config.mask_token_id, config.codebook_size,
-                                     o.p_error, generator, o.token_loss_positions)
+                                     o.p_error, generator, o.token_loss_positions, o.known_region_share,
+                                     config.token_grid_size)
     return {**targets, **text(model, captions, device)}
 
 

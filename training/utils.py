@@ -244,18 +244,36 @@ def pick_captions(captions, generator, caption_dropout=0.0):
     return picked
 
 
+def known_regions(batch_size, grid, share, generator):
+    """(batch, h * w) bool: for a share `share` of the examples, the codes an edit would keep: outside a random box
+    of the code grid (inpainting) or inside it (outpainting), each half of the time; nothing for the others."""
+    height, width = grid
+    u = torch.rand(batch_size, 6, generator=generator)
+    top, left = (u[:, 0] * height).long(), (u[:, 1] * width).long()
+    bottom = top + 1 + (u[:, 2] * (height - top)).long()  # rows top..bottom-1, at least one
+    right = left + 1 + (u[:, 3] * (width - left)).long()
+    rows, columns = torch.arange(height).view(1, -1, 1), torch.arange(width).view(1, 1, -1)
+    box = ((rows >= top.view(-1, 1, 1)) & (rows < bottom.view(-1, 1, 1))
+           & (columns >= left.view(-1, 1, 1)) & (columns < right.view(-1, 1, 1))).flatten(1)
+    known = torch.where((u[:, 4] < 0.5).unsqueeze(1), ~box, box)
+    return known & (u[:, 5] < share).unsqueeze(1)
+
+
 def stage_inputs(batch, order, num_stages, mask_token_id, codebook_size, p_error, generator,
-                 token_loss_positions="stage"):
-    """The training tuple of every example: a stage t uniform in 1..T, ranks from the order, then eq. 4."""
+                 token_loss_positions="stage", known_region_share=0.0, grid=None):
+    """The training tuple of every example: a stage t uniform in 1..T, ranks from the order, then eq. 4; with
+    `known_region_share` > 0, that share of the examples keeps a random region of its `grid` (h, w) known."""
     codes = batch["codes"]
     batch_size, num_tokens = codes.shape
     stages = torch.randint(1, num_stages + 1, (batch_size,), generator=generator)
     # Tuples are built on the CPU, where the generator is, whatever device the batch is on.
     quant_error = batch["quant_error"].cpu() if "quant_error" in batch else None
     scores = order_scores(order, batch_size, num_tokens, quant_error=quant_error, generator=generator)
+    # Drawn only when asked for, so that runs without it see the random numbers they always saw.
+    known = known_regions(batch_size, grid, known_region_share, generator) if known_region_share > 0 else None
     tuples = build_stage_tuples(codes.cpu(), scores_to_ranks(scores), stages, num_stages, mask_token_id,
                                 codebook_size, p_error=p_error, generator=generator,
-                                token_loss_positions=token_loss_positions)
+                                token_loss_positions=token_loss_positions, known=known)
     return {key: tuples[key].to(codes.device) for key in ("image_tokens", "token_labels", "state_labels")}
 
 
