@@ -1,6 +1,6 @@
 """Planted errors: does the state head find wrong codes in a finished image, and does the token head repair them?
 
-    python benchmarks/planted_errors.py --model progressive_denoising/bundled/pdm-shapes \
+    python -m benchmarks.planted_errors --model progressive_denoising/bundled/pdm-shapes \
         --data runs/shapes32 --num-images 500 --errors 1,4,16
 
 For each of the first `--num-images` test images: its VQ codes as `generate` holds them before its last stage (the
@@ -20,6 +20,7 @@ import torch
 
 from progressive_denoising import PDMPipeline, evaluation
 from progressive_denoising.ordering import scores_to_ranks, stage_schedule
+from progressive_denoising.sampling import choose_replacements
 from progressive_denoising.vq import encode_to_codes, preprocess_images
 
 
@@ -50,8 +51,8 @@ def score(pipe, captions, codes, quant_error, num_errors, generator):
     input_ids, attention_mask = pipe.encode_prompt(captions)
     out = model(input_ids=input_ids, attention_mask=attention_mask, image_tokens=corrupted.to(model.device))
     state_logits = out.state_logits.float().cpu()
-    flagged = model.choose_replacements(state_logits, ~masked, codes.shape[1])
-    top_k = model.choose_replacements(state_logits, ~masked, num_errors)
+    flagged = choose_replacements(state_logits, ~masked, codes.shape[1])
+    top_k = choose_replacements(state_logits, ~masked, num_errors)
     repaired = out.token_logits.argmax(-1).cpu() == codes
     planted_count = planted.sum().item()
     return {

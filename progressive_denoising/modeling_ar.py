@@ -19,7 +19,6 @@ from functools import partial
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, T5EncoderModel
 
@@ -27,13 +26,13 @@ from .configuration_pdm import PDMARConfig
 from .modeling_pdm import (
     PDMAttention,
     PDMDecoder,
-    PDMForTextToImage,
     PDMOutput,
     PDMPreTrainedModel,
     check_sampling_arguments,
-    sample_codes,
+    cross_entropy,
 )
-from .ordering import IGNORE_INDEX, Generators
+from .ordering import Generators
+from .sampling import guidance_mix, sample_codes
 
 # ---------------------------------------------------------------------------------------------------------------
 # Layer passes on PDMDecoderLayer's weights
@@ -107,19 +106,6 @@ class PDMARForTextToImage(PDMPreTrainedModel):
         """The beginning-of-image token: PDM's `[MASK]` id K."""
         return self.config.mask_token_id
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.config.freeze_text_encoder:
-            self.text_encoder.eval()  # a frozen encoder also keeps its dropout off
-        return self
-
-    # Text encoding and sampling are PDM's own, so both models draw the same codes from the same logits and noise.
-    encode_text = PDMForTextToImage.encode_text
-    _unconditional_input = PDMForTextToImage._unconditional_input
-    _encode_prompts = PDMForTextToImage._encode_prompts
-    _prepare_text = PDMForTextToImage._prepare_text
-    from_text_encoder_pretrained = classmethod(PDMForTextToImage.from_text_encoder_pretrained.__func__)
-
     # -- training ------------------------------------------------------------------------------------------------
 
     def _check_codes(self, image_tokens: torch.Tensor):
@@ -153,31 +139,15 @@ class PDMARForTextToImage(PDMPreTrainedModel):
     ):
         if image_tokens is None:
             raise ValueError("image_tokens is required: the codes Y of shape (batch, L)")
-        if encoder_hidden_states is None:
-            if input_ids is None:
-                raise ValueError("pass either input_ids or encoder_hidden_states")
-            encoder_hidden_states = self.encode_text(input_ids, attention_mask)
         self._check_codes(image_tokens)
-        if attention_mask is None:
-            attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=encoder_hidden_states.device)
         token_logits = self.decode(
-            self.shift_right(image_tokens), self.decoder.text_key_values(encoder_hidden_states), attention_mask.bool()
+            self.shift_right(image_tokens), *self._text_inputs(input_ids, attention_mask, encoder_hidden_states)
         )
-        token_loss = None
-        if token_labels is not None:
-            token_loss = F.cross_entropy(
-                token_logits.flatten(0, 1).float(), token_labels.flatten(), ignore_index=IGNORE_INDEX
-            )
+        token_loss = None if token_labels is None else cross_entropy(token_logits, token_labels)
         output = PDMOutput(loss=token_loss, token_loss=token_loss, token_logits=token_logits)
         return output if return_dict is not False else output.to_tuple()
 
     # -- generation with a KV cache ------------------------------------------------------------------------------
-
-    def _check_generate_arguments(self, input_ids, temperature, top_k, top_p, guidance_scale, num_images_per_prompt):
-        if input_ids is None or input_ids.dim() != 2 or input_ids.shape[0] == 0:
-            raise ValueError("input_ids must be a non-empty (batch, S) tensor of prompt token ids")
-        check_sampling_arguments(self.config.codebook_size, temperature, top_k, top_p, guidance_scale,
-                                 num_images_per_prompt)
 
     def allocate_cache(self, batch_size: int) -> torch.Tensor:
         """(layers, 2, batch, heads, L, head_dim) zeros: keys (index 0) and values (index 1) of every position."""
@@ -243,7 +213,8 @@ class PDMARForTextToImage(PDMPreTrainedModel):
         Returns:
             `torch.LongTensor` of shape (batch * num_images_per_prompt, L).
         """
-        self._check_generate_arguments(input_ids, temperature, top_k, top_p, guidance_scale, num_images_per_prompt)
+        check_sampling_arguments(self.config.codebook_size, temperature, top_k, top_p, guidance_scale,
+                                 num_images_per_prompt)
         device, num_tokens = self.device, self.config.num_image_tokens
         use_guidance = guidance_scale != 1.0
         batch_size, text_key_values, text_mask = self._prepare_text(
@@ -258,8 +229,7 @@ class PDMARForTextToImage(PDMPreTrainedModel):
         for position in range(num_tokens):
             logits = self._generation_step_fn()(tokens, step, cache, text_key_values, text_mask)
             if use_guidance:
-                cond, uncond = logits.float().chunk(2)
-                logits = uncond + guidance_scale * (cond - uncond)
+                logits = guidance_mix(*logits.chunk(2), guidance_scale)
             sampled = sample_codes(logits[:, None], temperature, top_k, top_p, generator)  # (batch, 1)
             codes[:, position] = sampled[:, 0]
             tokens = torch.cat([sampled, sampled]) if use_guidance else sampled

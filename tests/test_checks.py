@@ -6,8 +6,9 @@ import logging
 import pytest
 import torch
 
-from progressive_denoising import PDMPipeline, modeling_pdm
-from progressive_denoising.modeling_pdm import check_generate_arguments, sample_codes_at
+from progressive_denoising import PDMPipeline, sampling
+from progressive_denoising.modeling_pdm import check_generate_arguments
+from progressive_denoising.sampling import sample_codes_at
 from progressive_denoising.ordering import stage_schedule
 from progressive_denoising.text_tokenizer import unknown_words
 
@@ -111,13 +112,13 @@ def test_a_negative_prompt_without_guidance_is_reported_as_ignored(pipe, caplog)
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
 def test_noise_is_drawn_only_for_the_positions_a_stage_writes(monkeypatch, guidance_scale):
     drawn = []
-    real_rand = modeling_pdm.rand
+    real_rand = sampling.rand
 
     def counting_rand(shape, generator=None, device=None):
         drawn.append(shape[0])
         return real_rand(shape, generator, device)
 
-    monkeypatch.setattr(modeling_pdm, "rand", counting_rand)
+    monkeypatch.setattr(sampling, "rand", counting_rand)
     ids, mask = prompts(batch=3)
     num_stages = 4
     out = tiny_model().generate(ids, mask, num_stages=num_stages, guidance_scale=guidance_scale,

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from progressive_denoising import PDMARConfig, PDMForTextToImage
-from progressive_denoising.modeling_pdm import sample_codes
+from progressive_denoising.sampling import sample_codes
 from progressive_denoising.modeling_ar import PDMARForTextToImage
 
 from tiny import tiny_config

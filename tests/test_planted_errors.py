@@ -1,16 +1,11 @@
 """Error recovering, measured: a state head trained with pseudo errors finds codes planted in a finished image."""
 
-import os
-import sys
-
 import torch
 
+from benchmarks.planted_errors import plant_errors
 from progressive_denoising.ordering import build_stage_tuples, order_scores, scores_to_ranks
+from progressive_denoising.sampling import choose_replacements
 from tiny import CAPTIONS, tiny_model, tiny_tokenizer
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-
-from planted_errors import plant_errors  # noqa: E402
 
 
 COLOURS = ("red", "green", "blue", "yellow", "white")
@@ -56,7 +51,7 @@ def detect(model, tokenizer, num_errors, seed=1):
     corrupted = corrupted.masked_fill(masked, 16)
     tokens = tokenizer(CAPTIONS, padding=True, return_tensors="pt")
     out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, image_tokens=corrupted)
-    flagged = model.choose_replacements(out.state_logits, ~masked, 16)
+    flagged = choose_replacements(out.state_logits, ~masked, 16)
     repaired = (out.token_logits.argmax(-1) == codes) & planted
     return ((flagged & planted).sum() / planted.sum()).item(), ((flagged & ~planted).sum() / len(codes)).item(), \
         (repaired.sum() / planted.sum()).item()

@@ -1,10 +1,12 @@
-"""training/train_policy.py: the state head as a policy over positions, trained by REINFORCE (eq. 6-7)."""
+"""The learned order: `PDMForTextToImage.rollout` (the state head as a policy over both decisions of a stage, with the
+stage step of `generate`) and training/train_policy.py (REINFORCE, eq. 6-7)."""
 
 import math
 import os
 import subprocess
 import sys
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -12,15 +14,15 @@ from tiny import tiny_model, tiny_tokenizer, tiny_vqmodel
 from train_data import make_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from training.train_policy import Baseline, rollout, sample_positions  # noqa: E402
+from progressive_denoising.sampling import gumbel_top_k, sample_replacements
+from training.train_policy import AlignmentReward, Baseline
 
 
 def test_plackett_luce_log_probability_of_a_draw():
     logits = torch.tensor([[0.5, -1.0, 2.0, 0.0, 1.0]], requires_grad=True)
     candidates = torch.tensor([[True, True, False, True, True]])
-    chosen, log_prob = sample_positions(logits, candidates, 2, torch.Generator().manual_seed(0))
+    chosen, log_prob = gumbel_top_k(logits, candidates, 2, torch.Generator().manual_seed(0))
     assert chosen.sum() == 2 and not chosen[0, 2]
     # Recompute by hand for both possible orders of the two chosen positions.
     a, b = chosen[0].nonzero().flatten().tolist()
@@ -35,7 +37,7 @@ def test_plackett_luce_log_probability_of_a_draw():
 def test_draws_follow_the_softmax_of_the_generate_logits():
     logits = torch.tensor([[2.0, 0.0, 0.0, -9.0]]).expand(4000, 4)
     candidates = torch.ones(4000, 4, dtype=torch.bool)
-    chosen, _ = sample_positions(logits, candidates, 1, torch.Generator().manual_seed(1))
+    chosen, _ = gumbel_top_k(logits, candidates, 1, torch.Generator().manual_seed(1))
     frequency = chosen.float().mean(0)
     expected = logits[0].softmax(-1)
     assert torch.allclose(frequency, expected, atol=0.03)
@@ -49,7 +51,7 @@ def test_reinforce_with_the_baseline_raises_the_reward():
     baseline, generator = Baseline("moving-average", 0.9), torch.Generator().manual_seed(0)
     candidates = torch.ones(32, 6, dtype=torch.bool)
     for _ in range(60):
-        chosen, log_prob = sample_positions(logits.expand(32, 6), candidates, 2, generator)
+        chosen, log_prob = gumbel_top_k(logits.expand(32, 6), candidates, 2, generator)
         rewards = chosen[:, 0].float()
         loss = -((rewards - baseline(rewards)) * log_prob).mean()
         optimiser.zero_grad()
@@ -58,12 +60,80 @@ def test_reinforce_with_the_baseline_raises_the_reward():
     assert logits.softmax(-1)[0, 0] > 0.5, logits
 
 
-def test_rollout_fills_every_position():
+def test_per_row_counts_never_exceed_the_candidates():
+    logits = torch.zeros(2, 5)
+    candidates = torch.tensor([[True, True, False, False, False], [True] * 5])
+    chosen, log_prob = gumbel_top_k(logits, candidates, torch.tensor([[3], [2]]), torch.Generator().manual_seed(0))
+    assert chosen.sum(-1).tolist() == [2, 2] and not (chosen & ~candidates).any()
+    # Plackett-Luce probability of the ordered draw: row 0 takes its 2 candidates (1/2 * 1), row 1 2 of 5 (1/5 * 1/4)
+    assert torch.allclose(log_prob, torch.tensor([math.log(1 / 2), math.log(1 / 20)]), atol=1e-5)
+
+
+def test_replacements_are_drawn_with_probability_sigmoid_of_the_margin():
+    # margin log p(replace) - log p(keep) = 1 at position 0, -1 at position 1; position 2 is not a candidate
+    state_logits = torch.tensor([[[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 5.0]]]).expand(4000, 3, 3)
+    candidates = torch.tensor([True, True, False]).expand(4000, 3)
+    chosen, log_prob = sample_replacements(state_logits, candidates, 3, torch.Generator().manual_seed(0))
+    sigmoid = torch.sigmoid(torch.tensor([1.0, -1.0]))
+    assert torch.allclose(chosen[:, :2].float().mean(0), sigmoid, atol=0.03) and not chosen[:, 2].any()
+    expected = torch.where(chosen[:, :2], sigmoid.log(), (1 - sigmoid).log()).sum(-1)
+    assert torch.allclose(log_prob, expected, atol=1e-5)
+
+
+def test_a_cold_policy_chooses_what_generate_chooses():
+    from progressive_denoising.sampling import choose_stage_positions
+
+    state_logits = torch.randn(4, 16, 3)
+    masked = torch.rand(4, 16) < 0.5
+    args = (state_logits, masked, ~masked, torch.full((4, 1), 3), torch.full((4, 1), 2))
+    greedy_generate, greedy_replace, none = choose_stage_positions(*args)
+    cold_generate, cold_replace, log_prob = choose_stage_positions(*args, policy_temperature=1e-4,
+                                                                   generator=torch.Generator().manual_seed(0))
+    assert none is None and torch.isfinite(log_prob).all()
+    assert torch.equal(greedy_generate, cold_generate) and torch.equal(greedy_replace, cold_replace)
+
+
+def test_per_prompt_baseline_is_the_mean_of_the_prompts_other_rollouts():
+    baseline = Baseline("per-prompt", 0.9, group=3)
+    rewards = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 6.0])
+    assert torch.equal(baseline(rewards), torch.tensor([2.5, 2.0, 1.5, 3.0, 3.0, 0.0]))
+
+
+def test_greedy_rollout_is_generate():
+    # The policy's rollout runs generate's stage step: without exploration it gives generate's codes, seed for seed.
+    model = tiny_model().eval()
+    ids = torch.randint(0, 32, (3, 5))
+    generators = lambda: [torch.Generator().manual_seed(seed) for seed in range(3)]  # noqa: E731
+    for temperature in (1.0, 0.7):
+        greedy = model.rollout(ids, num_stages=4, temperature=temperature, generator=generators(),
+                               policy_temperature=None)
+        expected = model.generate(ids, num_stages=4, order="learned", temperature=temperature, generator=generators(),
+                                  return_stages=True)
+        assert torch.equal(greedy.codes, expected.codes) and torch.equal(greedy.replaced, expected.replaced)
+        assert greedy.log_prob is None
+
+
+def test_rollout_fills_every_position_and_its_log_probability_trains_the_state_head_only():
     model = tiny_model()
-    text_states = torch.randn(3, 5, 32)
-    codes, log_prob = rollout(model, text_states, torch.ones(3, 5, dtype=torch.bool), 4, 1.0,
-                              torch.Generator().manual_seed(0), train_decoder=False)
-    assert codes.shape == (3, 16) and (codes < 16).all() and torch.isfinite(log_prob).all()
+    model.requires_grad_(False)
+    model.state_head.requires_grad_(True)
+    out = model.rollout(torch.randint(0, 32, (3, 5)), num_stages=4, generator=torch.Generator().manual_seed(0))
+    assert out.codes.shape == (3, 16) and (out.codes < 16).all() and torch.isfinite(out.log_prob).all()
+    assert (out.log_prob < 0).all()
+    out.log_prob.sum().backward()
+    assert model.state_head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for name, p in model.named_parameters() if not name.startswith("state_head."))
+
+
+def test_rollout_also_decides_replacements():
+    # A state head that calls every generated code "replace": the policy replaces (bounded by the stage before).
+    model = tiny_model()
+    with torch.no_grad():
+        model.state_head.weight.zero_()
+        model.state_head.bias.copy_(torch.tensor([0.0, 0.0, 4.0]))
+    out = model.rollout(torch.randint(0, 32, (8, 5)), num_stages=4, generator=torch.Generator().manual_seed(0))
+    assert out.replaced[:, 0].sum() == 0 and out.replaced[:, 1:].sum() > 0
+    assert (out.replaced[:, 1:] <= 4).all()  # no more than the 4 codes a stage generates
 
 
 def test_rollout_draws_positions_by_probability_not_raw_logit():
@@ -71,16 +141,30 @@ def test_rollout_draws_positions_by_probability_not_raw_logit():
 
     model = tiny_model()
     model.state_head = DisagreeingStateHead()
-    text_states = torch.randn(64, 5, 32)
+    ids = torch.randint(0, 32, (64, 5))
     # Record the decoder's input at every stage; the rollout samples, so count over 64 rollouts.
     codes_after = []
     decoder = model.decoder.forward
     model.decoder.forward = lambda codes, *args: codes_after.append(codes.clone()) or decoder(codes, *args)
-    rollout(model, text_states, torch.ones(64, 5, dtype=torch.bool), 4, 1.0, torch.Generator().manual_seed(0),
-            train_decoder=False)
+    model.rollout(ids, num_stages=4, generator=torch.Generator().manual_seed(0))
     filled = codes_after[1] != model.config.mask_token_id  # the decoder input of stage 2 = codes after stage 1
     share = filled.float().mean(0)
     assert (share[4:8] > 0.95).all() and (share[:4] < 0.05).all(), share
+
+
+def test_alignment_reward_prefers_the_prompt_the_image_shows():
+    from progressive_denoising import shapes
+    from progressive_denoising import BUNDLED_MODEL
+
+    rng = np.random.default_rng(0)
+    scenes = [shapes.sample_scene(rng, size=32) for _ in range(8)]
+    pixels = torch.stack([torch.from_numpy(np.array(shapes.render_scene(s, 32).convert("RGB"))) for s in scenes])
+    images = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1  # the VQ decoder's range
+    reward = AlignmentReward(os.path.join(BUNDLED_MODEL, "recogniser"), "cpu")
+    right = reward(images, {"prompts": [shapes.caption_for(s) for s in scenes]})
+    wrong = reward(images, {"prompts": [shapes.caption_for(s) for s in scenes[1:] + scenes[:1]]})
+    assert right.shape == (8,) and (right <= 2).all() and (wrong >= 0).all()
+    assert right.mean() > 1.8 and wrong.mean() < right.mean() - 0.5, (right, wrong)
 
 
 def test_policy_training_changes_the_state_head_only(tmp_path):
@@ -91,8 +175,9 @@ def test_policy_training_changes_the_state_head_only(tmp_path):
     data = make_dataset(str(tmp_path / "data"), num_train=16, num_validation=4)
     out = str(tmp_path / "policy")
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "training", "train_policy.py"), "--model_name_or_path", model_dir,
-         "--dataset", data, "--output_dir", out, "--max_steps", "3", "--batch_size", "4", "--learning_rate", "1e-2"],
+        [sys.executable, "-m", "training.train_policy", "--model_name_or_path", model_dir,
+         "--dataset", data, "--output_dir", out, "--max_steps", "3", "--batch_size", "4", "--learning_rate", "1e-2",
+         "--reward", "l2", "--rollouts_per_prompt", "2", "--baseline", "per-prompt"],
         env=dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
         capture_output=True, text=True, timeout=300,
     )

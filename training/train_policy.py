@@ -1,14 +1,22 @@
-"""Dynamic importance scoring (section 3.2, eq. 6-7): train the state head as a policy over positions.
+"""Dynamic importance scoring (section 3.2, eq. 6-7): train the state head as a policy over both decisions of a stage.
 
-    python training/train_policy.py --model_name_or_path runs/pdm/final --vqvae runs/vq --dataset data/tokenized
+    python -m training.train_policy --model_name_or_path runs/pdm/final --dataset data/tokenized \
+        --reward alignment --recogniser progressive_denoising/bundled/pdm-shapes/recogniser
 
-Starting from a PDM trained with a fixed order (usually `quant-error`), each step samples generation
-trajectories: at every stage the positions to fill are drawn among the masked ones without replacement, with
-probabilities softmax(state head's "generate" logit) over the masked positions (Gumbel-top-k), and the log-probability
-of the draw is its Plackett-Luce probability. Codes come from the token head; the VQ decoder turns them into an
-image; the reward is minus the pixel L2 to the ground-truth image (the VQ decoding of the data set's codes) unless
-another scorer `reward_fn(images, batch) -> (batch,)` is given. REINFORCE with a baseline updates the state head
-(and the decoder with `train_decoder: true`). The saved model has `config.training_order = "learned"`.
+Starting from a PDM trained with a fixed order (usually `quant-error`), each step samples generation trajectories
+with `PDMForTextToImage.rollout`: at every stage the state head, read as a policy, draws which masked positions to
+fill (Gumbel-top-k by p(generate)) and which generated codes to replace (each with probability p(replace) /
+(p(replace) + p(keep))): the paper's action z in {1, -1}. The stage step is `generate`'s own (the `sampling` module),
+so sampling changes reach the policy too. The VQ decoder turns the codes into images and a reward scores them:
+
+- `alignment` (the paper's "CLIP similarity" in spirit, for PDM-Shapes): the PDM-Shapes recogniser reads the image
+  and the reward is 1 when the whole prompt holds, plus the partial credit of `evaluation.attribute_scores` (the mean of
+  count / colour / shape / size / layout) so that a nearly right image earns more than a wrong one;
+- `l2` (default: any data set): minus the pixel L2 to the data set's image (the VQ decoding of its codes);
+- `package.module:function`: any `reward_fn(images, batch) -> (batch,)`.
+
+REINFORCE with a baseline updates the state head (and the decoder with `train_decoder: true`); `rewards.jsonl` is the
+reward curve. The saved model has `config.training_order = "learned"`.
 """
 
 import dataclasses
@@ -22,14 +30,10 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from transformers import AutoTokenizer
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from progressive_denoising import PDMForTextToImage  # noqa: E402
-from progressive_denoising.configuration_pdm import STATE_GENERATE  # noqa: E402
-from progressive_denoising.ordering import cumulative_schedule, rand  # noqa: E402
-from progressive_denoising.vq import decode_codes  # noqa: E402
-from progressive_denoising.commands.base import run_script  # noqa: E402
-from training import utils  # noqa: E402
+from progressive_denoising import PDMForTextToImage, evaluation, shapes
+from progressive_denoising.vq import decode_codes, postprocess_images
+from progressive_denoising.commands.base import run_script
+from training import utils
 
 
 @dataclasses.dataclass
@@ -41,8 +45,11 @@ class Options:
     train_split: str = "train"
     num_stages: Optional[int] = None  # default: the model's
     temperature: float = 1.0  # of the codes sampled by the token head
-    reward: str = "l2"  # or "package.module:function" with the signature reward_fn(images, batch) -> (batch,)
-    baseline: str = "moving-average"  # or batch-mean
+    reward: str = "l2"  # l2, alignment (PDM-Shapes: needs recogniser), or "package.module:function" (images, batch)
+    recogniser: Optional[str] = None  # PDM-Shapes recogniser folder, for reward: alignment
+    policy_temperature: float = 1.0  # the policy draws from softmax(log p / tau): lower explores closer to generate()
+    rollouts_per_prompt: int = 1  # trajectories drawn for each prompt of a batch
+    baseline: str = "moving-average"  # batch-mean, or per-prompt: the mean reward of the prompt's other rollouts
     baseline_momentum: float = 0.9
     train_decoder: bool = False
     batch_size: int = 8
@@ -63,11 +70,17 @@ def check_options(o):
     for name in ("model_name_or_path", "dataset"):
         if getattr(o, name) is None:
             raise ValueError(f"option {name!r} is required")
-    utils.check_choice("baseline", o.baseline, ("moving-average", "batch-mean"))
+    utils.check_choice("baseline", o.baseline, ("moving-average", "batch-mean", "per-prompt"))
+    if o.baseline == "per-prompt" and o.rollouts_per_prompt < 2:
+        raise ValueError("option 'baseline' per-prompt needs option 'rollouts_per_prompt' of 2 or more")
+    if not o.policy_temperature > 0:
+        raise ValueError(f"option 'policy_temperature' must be positive, got {o.policy_temperature!r}")
+    if o.reward == "alignment" and o.recogniser is None:
+        raise ValueError("option 'reward' alignment needs option 'recogniser': a PDM-Shapes recogniser folder")
     utils.check_range("baseline_momentum", o.baseline_momentum, 0.0, 1.0)
     if o.temperature <= 0:
         raise ValueError(f"option 'temperature' must be positive, got {o.temperature!r}")
-    for name in ("batch_size", "max_steps"):
+    for name in ("batch_size", "max_steps", "rollouts_per_prompt"):
         if getattr(o, name) < 1:
             raise ValueError(f"option {name!r} must be a positive integer, got {getattr(o, name)!r}")
 
@@ -91,77 +104,47 @@ def l2_reward(images, batch):
     return -(images.float() - batch["target_images"].float()).pow(2).mean(dim=(1, 2, 3))
 
 
-def load_reward(name):
-    if name == "l2":
+class AlignmentReward:
+    """Per image: 1 when the recogniser finds the whole prompt, plus the mean of its partial credit (count, colour,
+    shape, size, layout; `evaluation.attribute_scores`). In [0, 2]."""
+
+    def __init__(self, path, device):
+        self.recogniser = evaluation.ShapesRecogniser.from_pretrained(path, device=device)
+
+    def __call__(self, images, batch):
+        pixels = (postprocess_images(images, "pt") * 255).round().to(torch.uint8)
+        found = evaluation.recognise(self.recogniser, pixels)
+        size = pixels.shape[-1]
+        rewards = []
+        for scene, caption in zip(found, batch["prompts"]):
+            prompt = shapes.parse_caption(caption)
+            partial = evaluation.attribute_scores(scene, prompt, size)
+            rewards.append(float(evaluation.scene_matches(scene, prompt, size)) + sum(partial.values()) / len(partial))
+        return torch.tensor(rewards, device=images.device)
+
+
+def load_reward(o, device):
+    if o.reward == "l2":
         return l2_reward
-    if ":" not in name:
-        raise ValueError(f"option 'reward' must be 'l2' or 'package.module:function', got {name!r}")
-    module, function = name.split(":")
+    if o.reward == "alignment":
+        return AlignmentReward(o.recogniser, device)
+    if ":" not in o.reward:
+        raise ValueError(f"option 'reward' must be 'alignment', 'l2' or 'package.module:function', got {o.reward!r}")
+    module, function = o.reward.split(":")
     return getattr(importlib.import_module(module), function)
 
 
-def sample_positions(logits, candidates, count, generator):
-    """Draw `count` candidates without replacement, proportional to softmax(logits) over the candidates.
-
-    Gumbel-top-k gives the draw; its log-probability is the Plackett-Luce probability of the sequence of choices,
-    sum_i [l_{c_i} - log sum_{j remaining} exp l_j], differentiable in `logits`.
-    Returns ((batch, L) bool chosen, (batch,) log-probability).
-    """
-    logits = logits.float().masked_fill(~candidates, float("-inf"))
-    gumbel = -torch.log(-torch.log(rand(logits.shape, generator, logits.device).clamp(1e-20, 1 - 1e-7)))
-    choices = (logits.detach() + gumbel).argsort(dim=-1, descending=True)[:, :count]  # in order of drawing
-    picked = logits.gather(1, choices)
-    log_total = torch.logsumexp(logits, dim=-1, keepdim=True)
-    probability = (picked - log_total).exp()
-    drawn_before = probability.cumsum(-1) - probability  # mass already taken by earlier choices
-    log_remaining = log_total + torch.log1p(-drawn_before.clamp(max=1 - 1e-6))
-    chosen = torch.zeros_like(candidates).scatter_(1, choices, True)
-    return chosen, (picked - log_remaining).sum(-1)
-
-
-def sample_codes(token_logits, temperature, generator):
-    """Gumbel-max sampling of one code per position."""
-    uniform = rand(token_logits.shape, generator, token_logits.device).clamp(1e-20, 1 - 1e-7)
-    return (token_logits.float() / temperature - torch.log(-torch.log(uniform))).argmax(-1)
-
-
-def rollout(model, text_states, text_mask, num_stages, temperature, generator, train_decoder):
-    """One trajectory per prompt: the final codes and the summed log-probability of the positions chosen."""
-    config = model.config
-    batch_size, num_tokens = text_states.shape[0], config.num_image_tokens
-    cumulative = cumulative_schedule(num_tokens, num_stages)
-    codes = torch.full((batch_size, num_tokens), config.mask_token_id, dtype=torch.long, device=text_states.device)
-    log_prob = torch.zeros(batch_size, device=text_states.device)
-    with torch.set_grad_enabled(train_decoder):
-        key_values = model.decoder.text_key_values(text_states)
-    for stage in range(num_stages):
-        # Without train_decoder only the state head learns: the decoder runs without a graph, which keeps memory
-        # flat over the T stages.
-        with torch.set_grad_enabled(train_decoder):
-            hidden = model.decoder(codes, key_values, text_mask)
-        state_logits = model.state_head(hidden)
-        masked = codes == config.mask_token_id
-        count = int(cumulative[stage + 1] - cumulative[stage])
-        # Positions are drawn by p(generate), as generate() ranks them (softmax over the three states).
-        log_p_generate = state_logits.float().log_softmax(-1)[..., STATE_GENERATE]
-        generate, step_log_prob = sample_positions(log_p_generate, masked, count, generator)
-        log_prob = log_prob + step_log_prob
-        with torch.no_grad():
-            # Error recovering exactly as in generate(), bounded by the codes generated in the stage before.
-            replace = PDMForTextToImage.choose_replacements(
-                state_logits.float(), ~masked, int(cumulative[stage] - cumulative[max(stage - 1, 0)]))
-            sampled = sample_codes(model.token_head(hidden), temperature, generator)
-        codes = torch.where(generate | replace, sampled, codes)
-    return codes, log_prob
-
-
 class Baseline:
-    """REINFORCE baseline: an exponential moving average of past mean rewards, or the batch's mean reward."""
+    """REINFORCE baseline: an exponential moving average of past mean rewards, the batch's mean reward, or per prompt
+    the mean reward of its other rollouts (leave-one-out over `group` consecutive rollouts of one prompt)."""
 
-    def __init__(self, kind, momentum):
-        self.kind, self.momentum, self.value = kind, momentum, None
+    def __init__(self, kind, momentum, group=1):
+        self.kind, self.momentum, self.group, self.value = kind, momentum, group, None
 
     def __call__(self, rewards):
+        if self.kind == "per-prompt":
+            grouped = rewards.view(-1, self.group)
+            return ((grouped.sum(1, keepdim=True) - grouped) / (self.group - 1)).flatten()
         mean = rewards.mean().item()
         if self.kind == "batch-mean":
             return mean
@@ -186,32 +169,36 @@ def trainable_parameters(model, train_decoder):
 
 def policy_step(o, accelerator, model, vqvae, tokenizer, batch, generator, reward_fn, baseline):
     """One REINFORCE update; returns (loss, mean reward)."""
-    captions = utils.pick_captions(batch["caption"], generator)
-    tokens = tokenizer(captions, padding=True, truncation=True, max_length=o.max_caption_length, return_tensors="pt")
-    tokens = tokens.to(accelerator.device)
+    k = o.rollouts_per_prompt
+    batch["prompts"] = [prompt for prompt in utils.pick_captions(batch["caption"], generator) for _ in range(k)]
+    tokens = tokenizer(batch["prompts"], padding=True, truncation=True, max_length=o.max_caption_length,
+                       return_tensors="pt").to(accelerator.device)
     grid = model.config.token_grid_size
-    batch["target_images"] = decode_codes(vqvae, batch["codes"], grid)
+    with torch.no_grad():
+        batch["target_images"] = decode_codes(vqvae, batch["codes"], grid).repeat_interleave(k, 0)
     with accelerator.autocast():
-        text_states = model.encode_text(tokens.input_ids, tokens.attention_mask)
-        codes, log_prob = rollout(model, text_states, tokens.attention_mask.bool(), o.num_stages, o.temperature,
-                                  generator, o.train_decoder)
-    rewards = reward_fn(decode_codes(vqvae, codes, grid), batch).detach().float()
-    advantage = rewards - baseline(accelerator.gather(rewards))
-    loss = -(advantage * log_prob).mean()  # gradient of eq. 6 by the policy-gradient theorem
+        trajectory = model.rollout(tokens.input_ids, tokens.attention_mask, o.num_stages, o.temperature, generator,
+                                   o.policy_temperature)
+    with torch.no_grad():
+        rewards = reward_fn(decode_codes(vqvae, trajectory.codes, grid), batch).float()
+    # per prompt, the baseline needs this process's own rollouts; the others average over every process
+    advantage = rewards - baseline(rewards if o.baseline == "per-prompt" else accelerator.gather(rewards))
+    loss = -(advantage * trajectory.log_prob).mean()  # gradient of eq. 6 by the policy-gradient theorem
     return loss, accelerator.gather(rewards).mean().item()
 
 
 def main(argv=None, reward_fn=None):
     o = utils.parse_options(Options, argv, check=check_options)
     # Paths are checked before anything loads (Hub ids pass: they are not local paths).
-    utils.check_paths(o, inputs=("model_name_or_path", "tokenizer", "vqvae", "dataset"), outputs=("output_dir",))
+    utils.check_paths(o, inputs=("model_name_or_path", "tokenizer", "vqvae", "dataset", "recogniser"),
+                      outputs=("output_dir",))
     accelerator = Accelerator(mixed_precision=o.mixed_precision, log_with=o.log_with, project_dir=o.output_dir,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=o.seed))
     set_seed(o.seed)
     os.makedirs(o.output_dir, exist_ok=True)
     tokenizer, model, vqvae = load_components(o)
     o.num_stages = o.num_stages or model.config.num_stages
-    reward_fn = reward_fn or load_reward(o.reward)
+    reward_fn = reward_fn or load_reward(o, accelerator.device)
     train, _, _ = utils.load_splits(o.dataset, o.train_split, None)
     loader = torch.utils.data.DataLoader(train, batch_size=o.batch_size, shuffle=True, drop_last=True,
                                          collate_fn=utils.collate)
@@ -220,7 +207,7 @@ def main(argv=None, reward_fn=None):
     parameters = trainable_parameters(model, o.train_decoder)
     optimizer = torch.optim.AdamW(parameters, lr=o.learning_rate, betas=(0.9, 0.96), weight_decay=o.weight_decay)
     loader = accelerator.prepare(loader)  # the model stays unwrapped: gradients are averaged by hand below
-    baseline, log = Baseline(o.baseline, o.baseline_momentum), utils.JsonlLog(
+    baseline, log = Baseline(o.baseline, o.baseline_momentum, o.rollouts_per_prompt), utils.JsonlLog(
         os.path.join(o.output_dir, "rewards.jsonl"), accelerator.is_main_process)
     accelerator.init_trackers("pdm-policy", config=utils.tracker_config(o))
     batches = utils.epoch_batches(accelerator, loader, 0)

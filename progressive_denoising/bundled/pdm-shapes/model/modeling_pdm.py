@@ -18,16 +18,9 @@ from transformers import initialization as init
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
-from .configuration_pdm import ORDERS, STATE_GENERATE, STATE_KEEP, STATE_REPLACE, PDMConfig
-from .ordering import (
-    IGNORE_INDEX,
-    Generators,
-    fill_schedule,
-    is_fixed_order,
-    order_scores,
-    rand,
-    scores_to_ranks,
-)
+from .configuration_pdm import ORDERS, PDMConfig
+from .ordering import IGNORE_INDEX, Generators, fill_schedule, is_fixed_order, order_scores, scores_to_ranks
+from .sampling import choose_stage_positions, guidance_mix, sample_codes_at
 
 logger = logging.get_logger(__name__)
 
@@ -199,6 +192,11 @@ def _is_finite_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of (batch, L, C) logits against (batch, L) labels, in float32, -100 ignored."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
 def check_sampling_arguments(codebook_size, temperature, top_k, top_p, guidance_scale, num_images_per_prompt):
     """ValueError naming the first bad sampling argument (each message starts with the argument's name)."""
     if not _is_finite_number(temperature) or not temperature > 0:
@@ -226,55 +224,6 @@ def check_generate_arguments(config, num_stages, order, temperature=1.0, top_k=N
     check_sampling_arguments(config.codebook_size, temperature, top_k, top_p, guidance_scale, num_images_per_prompt)
     if max_replacements is not None and (not isinstance(max_replacements, int) or max_replacements < 0):
         raise ValueError(f"max_replacements must be None or an integer >= 0, got {max_replacements!r}")
-
-
-def filter_logits(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:
-    """`logits` (..., K) with everything outside the top-k / the nucleus of mass top-p set to -inf."""
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_index = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        remove = probs.cumsum(-1) - probs >= top_p  # keep the smallest set reaching top_p
-        logits = logits.masked_fill(remove.scatter(-1, sorted_index, remove), float("-inf"))
-    return logits
-
-
-def gumbel_argmax(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """argmax of `logits` (..., K) plus Gumbel(0, 1) noise made from `uniform` [0, 1) numbers of the same shape:
-    a draw from softmax(logits)."""
-    exponential = -torch.log(uniform.clamp(min=1e-20))  # Exp(1); -log of it is Gumbel(0, 1)
-    return (logits - torch.log(exponential.clamp(min=1e-20))).argmax(-1)
-
-
-def sample_codes(logits, temperature, top_k, top_p, generator: Generators) -> torch.Tensor:
-    """(batch, n) codes drawn from `logits` (batch, n, K) by the Gumbel-max trick, with noise per example."""
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    return gumbel_argmax(logits, rand(logits.shape, generator, logits.device))
-
-
-def rand_rows(counts: torch.Tensor, width: int, generator: Generators, device) -> torch.Tensor:
-    """(sum(counts), width) uniform [0, 1) numbers: `counts[b]` rows for example b, in example order.
-
-    With one generator per example, example b's rows come from generator b alone, so an example draws the same
-    numbers in a batch as on its own.
-    """
-    if generator is None or isinstance(generator, torch.Generator):
-        return rand((int(counts.sum()), width), generator, device)
-    return torch.cat([rand((int(count), width), g, device) for count, g in zip(counts.tolist(), generator)])
-
-
-def sample_codes_at(logits: torch.Tensor, rows: torch.Tensor, batch_size: int, temperature, top_k, top_p,
-                    generator: Generators) -> torch.Tensor:
-    """(n,) codes drawn from `logits` (n, K), the logits of n chosen positions, by the Gumbel-max trick.
-
-    `rows` (n,) says which example each position belongs to, in example order (as `nonzero` lists them): noise is
-    drawn for these positions only, per example as `rand_rows` does, not for every position of every image.
-    """
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    counts = torch.bincount(rows, minlength=batch_size)
-    return gumbel_argmax(logits, rand_rows(counts, logits.shape[-1], generator, logits.device))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -323,6 +272,97 @@ class PDMPreTrainedModel(PreTrainedModel):
         model._freeze_text_encoder()
         return loaded
 
+    # -- the text side, shared by PDM and the autoregressive baseline -------------------------------------------
+
+    @classmethod
+    def from_text_encoder_pretrained(cls, name_or_path: str, **config_overrides) -> "PDMPreTrainedModel":
+        """A fresh model whose text encoder is the pretrained T5 encoder at `name_or_path` (folder or Hub id).
+
+        `config_overrides` set the other `PDMConfig` fields (decoder sizes, codebook, grid, ...).
+        """
+        text_encoder = T5EncoderModel.from_pretrained(name_or_path)
+        config = cls.config_class(text_config=text_encoder.config.to_dict(), **config_overrides)
+        model = cls(config)
+        model.text_encoder.load_state_dict(text_encoder.state_dict())
+        return model
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.freeze_text_encoder:
+            self.text_encoder.eval()  # a frozen encoder also keeps its dropout off
+        return self
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(batch, S, d_model) T5 states of the prompt; without gradients when the encoder is frozen."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_text_encoder):
+            return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def _text_inputs(self, input_ids, attention_mask, encoder_hidden_states):
+        """(cross-attention keys / values of every decoder layer, (batch, S) bool text mask) of `forward`'s text
+        inputs: prompt ids, or T5 states computed before (`encoder_hidden_states`)."""
+        if encoder_hidden_states is None:
+            if input_ids is None:
+                raise ValueError("pass either input_ids or encoder_hidden_states")
+            encoder_hidden_states = self.encode_text(input_ids, attention_mask)
+        if attention_mask is None:
+            attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=encoder_hidden_states.device)
+        return self.decoder.text_key_values(encoder_hidden_states), attention_mask.bool()
+
+    def _unconditional_input(self, batch_size, negative_input_ids, negative_attention_mask, device):
+        """Token ids of the unconditional prompt: `negative_input_ids` or the empty prompt (T5's lone `</s>`)."""
+        if negative_input_ids is None:
+            eos = self.config.text_config.eos_token_id
+            ids = torch.full((batch_size, 1), eos, dtype=torch.long, device=device)
+            return ids, torch.ones_like(ids)
+        if negative_input_ids.shape[0] not in (1, batch_size):
+            raise ValueError(
+                f"negative_input_ids has {negative_input_ids.shape[0]} rows but there are {batch_size} prompts: "
+                "pass one negative prompt or one per prompt"
+            )
+        if negative_attention_mask is None:
+            negative_attention_mask = torch.ones_like(negative_input_ids)
+        return (negative_input_ids.expand(batch_size, -1).to(device),
+                negative_attention_mask.expand(batch_size, -1).to(device))
+
+    def _prepare_text(self, input_ids, attention_mask, guidance_scale, negative_input_ids, negative_attention_mask,
+                      num_images_per_prompt, generator):
+        """Number of images, cross-attention keys/values of every layer and the text mask, computed once per call.
+
+        With guidance the unconditional prompts follow the conditional ones along the batch.
+        """
+        if negative_input_ids is not None and guidance_scale == 1.0:
+            logger.warning("negative_input_ids are ignored at guidance_scale 1.0 (no guidance): pass "
+                           "guidance_scale > 1 to guide away from them")
+        if input_ids is None or input_ids.dim() != 2 or input_ids.shape[0] == 0:
+            raise ValueError("input_ids must be a non-empty (batch, S) tensor of prompt token ids")
+        device = self.device
+        input_ids = input_ids.to(device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        negative = self._unconditional_input(input_ids.shape[0], negative_input_ids, negative_attention_mask, device)
+        if num_images_per_prompt > 1:
+            input_ids, attention_mask = (x.repeat_interleave(num_images_per_prompt, 0) for x in (input_ids, attention_mask))
+            negative = tuple(x.repeat_interleave(num_images_per_prompt, 0) for x in negative)
+        batch_size = input_ids.shape[0]
+        if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != batch_size:
+            raise ValueError(
+                f"got {len(generator)} generators for {batch_size} images (prompts x num_images_per_prompt): "
+                "pass one generator or one per image"
+            )
+        text_states, text_mask = self._encode_prompts(input_ids, attention_mask, negative, guidance_scale != 1.0)
+        return batch_size, self.decoder.text_key_values(text_states), text_mask
+
+    def _encode_prompts(self, input_ids, attention_mask, negative, use_guidance):
+        """Text states and mask of the prompts, with the unconditional prompts appended when guiding."""
+        states = self.encode_text(input_ids, attention_mask)
+        mask = attention_mask.bool()
+        if not use_guidance:
+            return states, mask
+        uncond_states = self.encode_text(*negative)
+        uncond_mask = negative[1].bool()
+        length = max(states.shape[1], uncond_states.shape[1])
+        pad = lambda x: F.pad(x, (0, 0, 0, length - x.shape[1])) if x.dim() == 3 else F.pad(x, (0, length - x.shape[1]))
+        return torch.cat([pad(states), pad(uncond_states)]), torch.cat([pad(mask), pad(uncond_mask)])
+
     def compile_generation(self, mode: Optional[str] = None, **compile_kwargs):
         """Compile the decoder pass that `generate` repeats (the fast path); returns the model.
 
@@ -367,7 +407,7 @@ class PDMOutput(ModelOutput):
 
 @dataclass
 class PDMGenerateOutput(ModelOutput):
-    """Output of [`PDMForTextToImage.generate`] with `return_stages=True`.
+    """Output of [`PDMForTextToImage.generate`] with `return_stages=True`, and of [`PDMForTextToImage.rollout`].
 
     Args:
         codes (`torch.LongTensor` of shape `(batch, L)`): the final codes.
@@ -375,11 +415,14 @@ class PDMGenerateOutput(ModelOutput):
             (= `codebook_size`) where nothing was generated yet.
         replaced (`torch.LongTensor` of shape `(batch, num_stages)`): how many already generated codes each stage
             chose to replace (error recovering, section 3.3); a replaced code may be redrawn as the same code.
+        log_prob (`torch.FloatTensor` of shape `(batch,)`): [`~PDMForTextToImage.rollout`] only: the
+            log-probability of the trajectory's position choices under the state head (eq. 6).
     """
 
     codes: Optional[torch.LongTensor] = None
     stages: Optional[torch.LongTensor] = None
     replaced: Optional[torch.LongTensor] = None
+    log_prob: Optional[torch.FloatTensor] = None
 
 
 class PDMForTextToImage(PDMPreTrainedModel):
@@ -405,30 +448,7 @@ class PDMForTextToImage(PDMPreTrainedModel):
         self.post_init()
         self._freeze_text_encoder()
 
-    @classmethod
-    def from_text_encoder_pretrained(cls, name_or_path: str, **config_overrides) -> "PDMForTextToImage":
-        """A fresh PDM whose text encoder is the pretrained T5 encoder at `name_or_path` (folder or Hub id).
-
-        `config_overrides` set the other `PDMConfig` fields (decoder sizes, codebook, grid, ...).
-        """
-        text_encoder = T5EncoderModel.from_pretrained(name_or_path)
-        config = PDMConfig(text_config=text_encoder.config.to_dict(), **config_overrides)
-        model = cls(config)
-        model.text_encoder.load_state_dict(text_encoder.state_dict())
-        return model
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.config.freeze_text_encoder:
-            self.text_encoder.eval()  # a frozen encoder also keeps its dropout off
-        return self
-
     # -- pieces shared by forward and generate -------------------------------------------------------------------
-
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(batch, S, d_model) T5 states of the prompt; without gradients when the encoder is frozen."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_text_encoder):
-            return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def decode(self, image_tokens, text_key_values, text_mask) -> Tuple[torch.Tensor, torch.Tensor]:
         """Token logits (batch, L, K) and state logits (batch, L, 3) of one decoder pass."""
@@ -463,27 +483,16 @@ class PDMForTextToImage(PDMPreTrainedModel):
     ):
         if image_tokens is None:
             raise ValueError("image_tokens is required: the codes Y^{t-1} of shape (batch, L)")
-        if encoder_hidden_states is None:
-            if input_ids is None:
-                raise ValueError("pass either input_ids or encoder_hidden_states")
-            encoder_hidden_states = self.encode_text(input_ids, attention_mask)
         self._check_image_tokens(image_tokens)
-        if attention_mask is None:
-            attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=encoder_hidden_states.device)
-        text_mask = attention_mask.bool()
         token_logits, state_logits = self.decode(
-            image_tokens, self.decoder.text_key_values(encoder_hidden_states), text_mask
+            image_tokens, *self._text_inputs(input_ids, attention_mask, encoder_hidden_states)
         )
 
         token_loss = state_loss = loss = None
         if token_labels is not None:
-            token_loss = F.cross_entropy(
-                token_logits.flatten(0, 1).float(), token_labels.flatten(), ignore_index=IGNORE_INDEX
-            )
+            token_loss = cross_entropy(token_logits, token_labels)
         if state_labels is not None:
-            state_loss = F.cross_entropy(
-                state_logits.flatten(0, 1).float(), state_labels.flatten(), ignore_index=IGNORE_INDEX
-            )
+            state_loss = cross_entropy(state_logits, state_labels)
         losses = [x for x in (token_loss, state_loss) if x is not None]
         if losses:
             loss = sum(losses)
@@ -493,85 +502,6 @@ class PDMForTextToImage(PDMPreTrainedModel):
         return output if return_dict is not False else output.to_tuple()
 
     # -- generation (section 3.1, eq. 4; error recovering of section 3.3) ----------------------------------------
-
-    def _check_generate_arguments(self, input_ids, num_stages, order, temperature, top_k, top_p, guidance_scale,
-                                  num_images_per_prompt, max_replacements):
-        if input_ids is None or input_ids.dim() != 2 or input_ids.shape[0] == 0:
-            raise ValueError("input_ids must be a non-empty (batch, S) tensor of prompt token ids")
-        check_generate_arguments(self.config, num_stages, order, temperature, top_k, top_p, guidance_scale,
-                                 num_images_per_prompt, max_replacements)
-
-    def _unconditional_input(self, batch_size, negative_input_ids, negative_attention_mask, device):
-        """Token ids of the unconditional prompt: `negative_input_ids` or the empty prompt (T5's lone `</s>`)."""
-        if negative_input_ids is None:
-            eos = self.config.text_config.eos_token_id
-            ids = torch.full((batch_size, 1), eos, dtype=torch.long, device=device)
-            return ids, torch.ones_like(ids)
-        if negative_input_ids.shape[0] not in (1, batch_size):
-            raise ValueError(
-                f"negative_input_ids has {negative_input_ids.shape[0]} rows but there are {batch_size} prompts: "
-                "pass one negative prompt or one per prompt"
-            )
-        if negative_attention_mask is None:
-            negative_attention_mask = torch.ones_like(negative_input_ids)
-        return (negative_input_ids.expand(batch_size, -1).to(device),
-                negative_attention_mask.expand(batch_size, -1).to(device))
-
-    def _prepare_text(self, input_ids, attention_mask, guidance_scale, negative_input_ids, negative_attention_mask,
-                      num_images_per_prompt, generator):
-        """Number of images, cross-attention keys/values of every layer and the text mask, computed once per call.
-
-        With guidance the unconditional prompts follow the conditional ones along the batch.
-        """
-        if negative_input_ids is not None and guidance_scale == 1.0:
-            logger.warning("negative_input_ids are ignored at guidance_scale 1.0 (no guidance): pass "
-                           "guidance_scale > 1 to guide away from them")
-        device = self.device
-        input_ids = input_ids.to(device)
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-        negative = self._unconditional_input(input_ids.shape[0], negative_input_ids, negative_attention_mask, device)
-        if num_images_per_prompt > 1:
-            input_ids, attention_mask = (x.repeat_interleave(num_images_per_prompt, 0) for x in (input_ids, attention_mask))
-            negative = tuple(x.repeat_interleave(num_images_per_prompt, 0) for x in negative)
-        batch_size = input_ids.shape[0]
-        if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != batch_size:
-            raise ValueError(
-                f"got {len(generator)} generators for {batch_size} images (prompts x num_images_per_prompt): "
-                "pass one generator or one per image"
-            )
-        text_states, text_mask = self._encode_prompts(input_ids, attention_mask, negative, guidance_scale != 1.0)
-        return batch_size, self.decoder.text_key_values(text_states), text_mask
-
-    def _encode_prompts(self, input_ids, attention_mask, negative, use_guidance):
-        """Text states and mask of the prompts, with the unconditional prompts appended when guiding."""
-        states = self.encode_text(input_ids, attention_mask)
-        mask = attention_mask.bool()
-        if not use_guidance:
-            return states, mask
-        uncond_states = self.encode_text(*negative)
-        uncond_mask = negative[1].bool()
-        length = max(states.shape[1], uncond_states.shape[1])
-        pad = lambda x: F.pad(x, (0, 0, 0, length - x.shape[1])) if x.dim() == 3 else F.pad(x, (0, length - x.shape[1]))
-        return torch.cat([pad(states), pad(uncond_states)]), torch.cat([pad(mask), pad(uncond_mask)])
-
-    @staticmethod
-    def _select(scores: torch.Tensor, candidates: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        """(batch, L) bool: the `count` candidates with the highest score (fewer if fewer are candidates).
-
-        Ranking all L positions instead of `topk(count)` keeps every tensor the same shape at every stage.
-        """
-        scores = scores.masked_fill(~candidates, float("-inf"))
-        return (scores_to_ranks(-scores) < count) & candidates
-
-    @classmethod
-    def choose_replacements(cls, state_logits: torch.Tensor, candidates: torch.Tensor, count) -> torch.Tensor:
-        """(batch, L) bool: the error-recovering choice (section 3.3) among `candidates` (batch, L).
-
-        A candidate is replaced when the state head calls it "replace" rather than "keep" (p(replace) > p(keep));
-        at most `count` per row (an int or a tensor), the most confident first.
-        """
-        margin = state_logits[..., STATE_REPLACE] - state_logits[..., STATE_KEEP]
-        return cls._select(margin, candidates & (margin > 0), torch.as_tensor(count, device=margin.device))
 
     @torch.no_grad()
     def generate(
@@ -627,8 +557,55 @@ class PDMForTextToImage(PDMPreTrainedModel):
         """
         num_stages = self.config.num_stages if num_stages is None else num_stages
         order = self.config.training_order if order is None else order
-        self._check_generate_arguments(input_ids, num_stages, order, temperature, top_k, top_p, guidance_scale,
-                                       num_images_per_prompt, max_replacements)
+        check_generate_arguments(self.config, num_stages, order, temperature, top_k, top_p, guidance_scale,
+                                 num_images_per_prompt, max_replacements)
+        output = self._run_stages(
+            input_ids, attention_mask, num_stages, order, temperature, top_k, top_p, guidance_scale,
+            negative_input_ids, negative_attention_mask, num_images_per_prompt, generator, max_replacements,
+            callback_on_stage_end, init_codes, keep_mask, return_stages=return_stages, policy_temperature=None,
+        )
+        return output if return_stages else output.codes
+
+    def rollout(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: Optional[torch.LongTensor] = None,
+        num_stages: Optional[int] = None,
+        temperature: float = 1.0,
+        generator: Generators = None,
+        policy_temperature: Optional[float] = 1.0,
+    ) -> "PDMGenerateOutput":
+        """`generate` with the state head as a stochastic policy (the learned order, section 3.2, eq. 6-7).
+
+        Each stage draws the positions to fill among the masked ones without replacement, with probabilities
+        softmax(log p(generate) / policy_temperature) (Gumbel-top-k), and replaces each generated code with
+        probability sigmoid((log p(replace) - log p(keep)) / policy_temperature), at most as many as the stage before
+        generated: the paper's action z in {1, -1}. Codes are sampled as in `generate` (`temperature`). Runs with
+        gradients where parameters require them (the state head when training a policy), so `log_prob` can be
+        differentiated.
+
+        Args:
+            policy_temperature: 1 reads the state head's probabilities as they are; lower values explore closer to
+                `generate`'s own choices; None takes exactly those (the most probable positions): the same codes as
+                `generate(..., order="learned")` for the same generators, and `log_prob` None.
+
+        Returns:
+            [`PDMGenerateOutput`] with `codes` (batch, L), `replaced` (batch, T) and `log_prob` (batch,): the
+            log-probability of all the position choices of the trajectory.
+        """
+        num_stages = self.config.num_stages if num_stages is None else num_stages
+        check_generate_arguments(self.config, num_stages, "learned", temperature)
+        if policy_temperature is not None and not (_is_finite_number(policy_temperature) and policy_temperature > 0):
+            raise ValueError(f"policy_temperature must be None or a finite number > 0, got {policy_temperature!r}")
+        return self._run_stages(input_ids, attention_mask, num_stages, "learned", temperature, None, None, 1.0, None,
+                                None, 1, generator, None, None, None, None, return_stages=False,
+                                policy_temperature=policy_temperature)
+
+    def _run_stages(self, input_ids, attention_mask, num_stages, order, temperature, top_k, top_p, guidance_scale,
+                    negative_input_ids, negative_attention_mask, num_images_per_prompt, generator, max_replacements,
+                    callback_on_stage_end, init_codes, keep_mask, return_stages, policy_temperature
+                    ) -> "PDMGenerateOutput":
+        """The stage loop of `generate` and `rollout` (arguments checked by them)."""
         device, num_tokens = self.device, self.config.num_image_tokens
         batch_size, text_key_values, text_mask = self._prepare_text(
             input_ids, attention_mask, guidance_scale, negative_input_ids, negative_attention_mask,
@@ -644,20 +621,22 @@ class PDMForTextToImage(PDMPreTrainedModel):
         cumulative = fill_schedule(to_fill.sum(-1), num_stages)
         limit = num_tokens if max_replacements is None else max_replacements
 
-        stages, replaced = [], []
+        explore = policy_temperature is not None
+        stages, replaced, log_prob = [], [], torch.zeros(batch_size, device=device) if explore else None
         for stage in range(num_stages):
-            codes, replace = self._stage_step(
+            codes, replace, stage_log_prob = self._stage_step(
                 codes, keep, stage, cumulative, limit, fixed_ranks, text_key_values, text_mask, guidance_scale,
-                temperature, top_k, top_p, generator,
+                temperature, top_k, top_p, generator, policy_temperature,
             )
+            replaced.append(replace.sum(-1))
             if return_stages:
                 stages.append(codes)
-                replaced.append(replace.sum(-1))
+            if explore:
+                log_prob = log_prob + stage_log_prob
             if callback_on_stage_end is not None:
                 callback_on_stage_end(stage, codes)
-        if return_stages:
-            return PDMGenerateOutput(codes=codes, stages=torch.stack(stages, dim=1), replaced=torch.stack(replaced, 1))
-        return codes
+        return PDMGenerateOutput(codes=codes, stages=torch.stack(stages, dim=1) if return_stages else None,
+                                 replaced=torch.stack(replaced, 1), log_prob=log_prob)
 
     def _initial_codes(self, init_codes, keep_mask, num_prompts, num_images_per_prompt):
         """(codes, keep) of shape (batch, L) that the first stage starts from: all `[MASK]` and nothing kept, or
@@ -693,8 +672,9 @@ class PDMForTextToImage(PDMPreTrainedModel):
         return codes.long().clone(), keep
 
     def _stage_step(self, codes, keep, stage, cumulative, limit, fixed_ranks, text_key_values, text_mask,
-                    guidance_scale, temperature, top_k, top_p, generator):
-        """One stage: Y^t -> Y^{t+1}, and the (batch, L) positions it replaced.
+                    guidance_scale, temperature, top_k, top_p, generator, policy_temperature=None):
+        """One stage: Y^t -> Y^{t+1}, the (batch, L) positions it replaced and, with a `policy_temperature`
+        (`rollout`), the (batch,) log-probability of its position choices.
 
         The decoder pass keeps the same shapes at every stage (one compiled graph serves them all); guidance and
         sampling then work on the positions this stage writes only, not on all (batch, L, K) logits.
@@ -704,31 +684,27 @@ class PDMForTextToImage(PDMPreTrainedModel):
         token_logits, state_logits = self._generation_step_fn()(decoder_input, text_key_values, text_mask)
         if use_guidance:
             state_logits = state_logits.chunk(2)[0]
-        state_logits = state_logits.float()
 
         masked = codes == self.config.mask_token_id
         before, after = cumulative[:, stage, None], cumulative[:, stage + 1, None]  # (batch, 1) each
-        if fixed_ranks is not None:
-            generate = (fixed_ranks >= before) & (fixed_ranks < after)
-        else:
-            # Ranked by p(generate) (section 3.1): the raw logit would ignore how strongly keep or replace compete.
-            generate = self._select(state_logits.log_softmax(-1)[..., STATE_GENERATE], masked, after - before)
+        fixed_generate = None if fixed_ranks is None else (fixed_ranks >= before) & (fixed_ranks < after)
         # Bound of section 3.1: no more replacements than codes generated in the stage before.
-        generated_last_stage = before - cumulative[:, max(stage - 1, 0), None]
-        num_replace = torch.clamp(generated_last_stage, max=limit)
-        replace = self.choose_replacements(state_logits, ~masked & ~keep, num_replace)
+        num_replace = torch.clamp(before - cumulative[:, max(stage - 1, 0), None], max=limit)
+        generate, replace, log_prob = choose_stage_positions(
+            state_logits, masked, ~masked & ~keep, after - before, num_replace, fixed_generate, policy_temperature,
+            generator)
 
-        rows, positions = (generate | replace).nonzero(as_tuple=True)  # example order, as `sample_codes_at` needs
-        if use_guidance:
-            cond, uncond = token_logits.chunk(2)
-            cond, uncond = cond[rows, positions].float(), uncond[rows, positions].float()
-            chosen_logits = uncond + guidance_scale * (cond - uncond)
-        else:
-            chosen_logits = token_logits[rows, positions]
-        codes = codes.clone()  # the codes of the stage before stay as they were (`return_stages` keeps them)
-        codes[rows, positions] = sample_codes_at(chosen_logits, rows, codes.shape[0], temperature, top_k, top_p,
-                                                 generator)
-        return codes, replace
+        with torch.no_grad():
+            rows, positions = (generate | replace).nonzero(as_tuple=True)  # example order, as `sample_codes_at` needs
+            if use_guidance:
+                cond, uncond = token_logits.chunk(2)
+                chosen_logits = guidance_mix(cond[rows, positions], uncond[rows, positions], guidance_scale)
+            else:
+                chosen_logits = token_logits[rows, positions]
+            codes = codes.clone()  # the codes of the stage before stay as they were (`return_stages` keeps them)
+            codes[rows, positions] = sample_codes_at(chosen_logits, rows, codes.shape[0], temperature, top_k, top_p,
+                                                     generator)
+        return codes, replace, log_prob
 
 
 # Register with the Auto classes when imported as part of the package. A copy saved beside a model and loaded with

@@ -1,0 +1,191 @@
+"""The decisions of one generation step, in one place for every sampler.
+
+PDM's `generate` (one stage: which masked positions to fill, which generated codes to replace, which codes to write),
+the autoregressive baseline's `generate` (which code to write) and the learned order's rollout
+(`PDMForTextToImage.rollout`, trained by `training/train_policy.py`) all call these functions, so a change to
+sampling reaches all three.
+
+- Codes: `filter_logits` (top-k / top-p), `guidance_mix` (classifier-free guidance), `sample_codes` /
+  `sample_codes_at` (Gumbel-max draws, one noise stream per image when given one generator per image).
+- Positions: `choose_stage_positions` picks the positions a stage fills and replaces, greedily (as `generate` does)
+  or, given a `policy_temperature`, by sampling from the state head read as a policy (the action z = 1 / -1 of
+  section 3.2), returning the log-probability of the draw for REINFORCE (eq. 6-7).
+
+Torch only, relative imports only: this file travels next to the model code for `trust_remote_code`.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .configuration_pdm import STATE_GENERATE, STATE_KEEP, STATE_REPLACE
+from .ordering import Generators, rand, scores_to_ranks
+
+# ---------------------------------------------------------------------------------------------------------------
+# Codes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def filter_logits(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:
+    """`logits` (..., K) with everything outside the top-k / the nucleus of mass top-p set to -inf."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_index = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        remove = probs.cumsum(-1) - probs >= top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(remove.scatter(-1, sorted_index, remove), float("-inf"))
+    return logits
+
+
+def guidance_mix(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance: `uncond + scale * (cond - uncond)`, in float32."""
+    cond, uncond = cond.float(), uncond.float()
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def gumbel_argmax(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """argmax of `logits` (..., K) plus Gumbel(0, 1) noise made from `uniform` [0, 1) numbers of the same shape:
+    a draw from softmax(logits)."""
+    exponential = -torch.log(uniform.clamp(min=1e-20))  # Exp(1); -log of it is Gumbel(0, 1)
+    return (logits - torch.log(exponential.clamp(min=1e-20))).argmax(-1)
+
+
+def sample_codes(logits, temperature, top_k, top_p, generator: Generators) -> torch.Tensor:
+    """(batch, n) codes drawn from `logits` (batch, n, K) by the Gumbel-max trick, with noise per example."""
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    return gumbel_argmax(logits, rand(logits.shape, generator, logits.device))
+
+
+def rand_rows(counts: torch.Tensor, width: int, generator: Generators, device) -> torch.Tensor:
+    """(sum(counts), width) uniform [0, 1) numbers: `counts[b]` rows for example b, in example order.
+
+    With one generator per example, example b's rows come from generator b alone, so an example draws the same
+    numbers in a batch as on its own.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        return rand((int(counts.sum()), width), generator, device)
+    return torch.cat([rand((int(count), width), g, device) for count, g in zip(counts.tolist(), generator)])
+
+
+def sample_codes_at(logits: torch.Tensor, rows: torch.Tensor, batch_size: int, temperature, top_k, top_p,
+                    generator: Generators) -> torch.Tensor:
+    """(n,) codes drawn from `logits` (n, K), the logits of n chosen positions, by the Gumbel-max trick.
+
+    `rows` (n,) says which example each position belongs to, in example order (as `nonzero` lists them): noise is
+    drawn for these positions only, per example as `rand_rows` does, not for every position of every image.
+    """
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    counts = torch.bincount(rows, minlength=batch_size)
+    return gumbel_argmax(logits, rand_rows(counts, logits.shape[-1], generator, logits.device))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Positions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def select_top(scores: torch.Tensor, candidates: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """(batch, L) bool: the `count` (int or (batch, 1)) candidates with the highest score (fewer if fewer are
+    candidates). Ranking all L positions instead of `topk(count)` keeps every tensor the same shape at every stage."""
+    scores = scores.masked_fill(~candidates, float("-inf"))
+    return (scores_to_ranks(-scores) < torch.as_tensor(count, device=scores.device)) & candidates
+
+
+def replace_margin(state_logits: torch.Tensor) -> torch.Tensor:
+    """(batch, L) log p(replace) - log p(keep) of the state head (the softmax's normaliser cancels)."""
+    state_logits = state_logits.float()
+    return state_logits[..., STATE_REPLACE] - state_logits[..., STATE_KEEP]
+
+
+def choose_replacements(state_logits: torch.Tensor, candidates: torch.Tensor, count) -> torch.Tensor:
+    """(batch, L) bool: the error-recovering choice (section 3.3) among `candidates` (batch, L).
+
+    A candidate is replaced when the state head calls it "replace" rather than "keep" (p(replace) > p(keep)); at most
+    `count` per row (an int or a (batch, 1) tensor), the most confident first.
+    """
+    margin = replace_margin(state_logits)
+    return select_top(margin, candidates & (margin > 0), count)
+
+
+def gumbel_top_k(logits: torch.Tensor, candidates: torch.Tensor, count, generator: Generators
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Draw `count` (int or (batch, 1)) candidates without replacement, proportional to softmax(logits) over the
+    candidates, and the log-probability of the draw.
+
+    Gumbel-top-k gives the draw; its log-probability is the Plackett-Luce probability of the sequence of choices,
+    sum_i [l_{c_i} - log sum_{j remaining} exp l_j], differentiable in `logits`.
+    Returns ((batch, L) bool chosen, (batch,) log-probability).
+    """
+    logits = logits.float().masked_fill(~candidates, float("-inf"))
+    uniform = rand(logits.shape, generator, logits.device).clamp(1e-20, 1 - 1e-7)
+    order = (logits.detach() - torch.log(-torch.log(uniform))).argsort(dim=-1, descending=True)  # order of drawing
+    picked = logits.gather(1, order)
+    taken = (torch.arange(logits.shape[1], device=logits.device) < torch.as_tensor(count, device=logits.device))
+    taken = taken & torch.isfinite(picked)  # never more than the candidates
+    log_total = torch.logsumexp(logits, dim=-1, keepdim=True)
+    probability = (picked - log_total).exp() * taken
+    drawn_before = probability.cumsum(-1) - probability  # mass already taken by earlier choices
+    log_remaining = log_total + torch.log1p(-drawn_before.clamp(max=1 - 1e-6))
+    log_prob = torch.where(taken, picked - log_remaining, torch.zeros_like(picked)).sum(-1)
+    chosen = torch.zeros_like(candidates).scatter_(1, order, taken)
+    return chosen, log_prob
+
+
+def sample_replacements(state_logits: torch.Tensor, candidates: torch.Tensor, count, generator: Generators,
+                        policy_temperature: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The exploring version of `choose_replacements`: each candidate is replaced with probability
+    sigmoid(margin / policy_temperature), margin = log p(replace) - log p(keep) (at temperature 1: p(replace) /
+    (p(replace) + p(keep))), at most `count` per row, the highest noisy margins first. Returns ((batch, L) bool,
+    (batch,) log-probability of the draw).
+
+    The log-probability is that of the independent draws (replace or keep at every candidate): a candidate dropped by
+    the bound counts as kept. The bound rarely binds (a few replacements per image against up to a stage's size).
+    """
+    margin = replace_margin(state_logits) / policy_temperature
+    uniform = rand(margin.shape, generator, margin.device).clamp(1e-6, 1 - 1e-6)
+    noisy = margin.detach() + torch.log(uniform) - torch.log1p(-uniform)  # > 0 with probability sigmoid(margin)
+    chosen = select_top(noisy, candidates & (noisy > 0), count)
+    log_prob = torch.where(chosen, F.logsigmoid(margin), F.logsigmoid(-margin))
+    return chosen, torch.where(candidates, log_prob, torch.zeros_like(log_prob)).sum(-1)
+
+
+def choose_stage_positions(
+    state_logits: torch.Tensor,
+    masked: torch.Tensor,
+    replaceable: torch.Tensor,
+    num_generate: torch.Tensor,
+    num_replace: torch.Tensor,
+    fixed_generate: Optional[torch.Tensor] = None,
+    policy_temperature: Optional[float] = None,
+    generator: Generators = None,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The positions one stage writes: (generate, replace, log_prob), (batch, L) bool each and (batch,) or None.
+
+    Args:
+        state_logits: (batch, L, 3) keep / generate / replace scores of the state head.
+        masked: (batch, L) positions still `[MASK]`; `num_generate` ((batch, 1)) of them are filled.
+        replaceable: (batch, L) generated codes that may be replaced, at most `num_replace` ((batch, 1)) of them.
+        fixed_generate: (batch, L) the positions a fixed order (raster, random) fills; None: the state head picks.
+        policy_temperature: None: the most probable positions (the `num_generate` highest p(generate), the
+            replacements of `choose_replacements`), log_prob None. A number tau > 0: the state head as a stochastic
+            policy with the log-probability of its choices (eq. 6): the positions to fill drawn without replacement
+            from softmax(log p(generate) / tau) over the masked ones (Gumbel-top-k), each replacement drawn with
+            probability sigmoid(margin / tau); tau -> 0 gives the greedy choice. Its noise is drawn before the
+            codes', from the same generators.
+    """
+    # Ranked by p(generate) (section 3.1): the raw logit would ignore how strongly keep or replace compete.
+    log_p_generate = state_logits.float().log_softmax(-1)[..., STATE_GENERATE]
+    if policy_temperature is None:
+        generate = fixed_generate if fixed_generate is not None else select_top(log_p_generate, masked, num_generate)
+        return generate, choose_replacements(state_logits, replaceable, num_replace), None
+    log_prob = torch.zeros(masked.shape[0], device=masked.device)
+    if fixed_generate is not None:
+        generate = fixed_generate
+    else:
+        generate, log_prob = gumbel_top_k(log_p_generate / policy_temperature, masked, num_generate, generator)
+    replace, log_prob_replace = sample_replacements(state_logits, replaceable, num_replace, generator,
+                                                    policy_temperature)
+    return generate, replace, log_prob + log_prob_replace
