@@ -1,7 +1,7 @@
 """Wall-clock time of the `pdm` command as a user runs it: whole processes, started fresh each time.
 
-    python benchmarks/bench_cli.py                      # the bundled model, 5 runs of each command
-    python benchmarks/bench_cli.py --model PIPELINE_DIR --repeats 3 --md cli.md
+    python -m benchmarks.bench_cli                      # the bundled model, 5 runs of each command
+    python -m benchmarks.bench_cli --model PIPELINE_DIR --repeats 3 --md cli.md
 
 Times `pdm --help` and `pdm generate PROMPT --out FILE` (in a temporary folder), each run in a new process: what a
 user waits for, interpreter start and imports included. `pdm generate --timings` reports the seconds of its own

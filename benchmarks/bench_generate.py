@@ -1,7 +1,7 @@
 """Generation speed of PDM (T stages) against the autoregressive baseline (L steps with a KV cache).
 
-    python benchmarks/bench_generate.py --config small --device cpu
-    python benchmarks/bench_generate.py --config paper --device cuda --batch-sizes 1,8,32 --stages 16,64
+    python -m benchmarks.bench_generate --config small --device cpu
+    python -m benchmarks.bench_generate --config paper --device cuda --batch-sizes 1,8,32 --stages 16,64
 
 One run measures the device's matrix-multiply peak for the dtype, then times `generate` of both models (random
 weights: the cost does not depend on them) at every batch size and stage count, and writes a JSON file and a
@@ -22,10 +22,8 @@ from pathlib import Path
 import torch
 from transformers import T5Config
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from progressive_denoising import PDMConfig, PDMForTextToImage  # noqa: E402
-from progressive_denoising.modeling_ar import PDMARForTextToImage  # noqa: E402
+from progressive_denoising import PDMConfig, PDMForTextToImage
+from progressive_denoising.modeling_ar import PDMARForTextToImage
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -1,7 +1,7 @@
 """Training throughput of PDM: one step = forward + backward + AdamW step, with gradient checkpointing off and on.
 
-    python benchmarks/bench_train.py --config small --device cpu
-    python benchmarks/bench_train.py --config paper --device cuda --dtype bf16 --batch-size 32
+    python -m benchmarks.bench_train --config small --device cpu
+    python -m benchmarks.bench_train --config paper --device cuda --dtype bf16 --batch-size 32
 
 Weights and optimizer state stay in fp32 and bf16 / fp16 runs under autocast, as `training/train_pdm.py` does with
 accelerate's mixed precision. Prints and writes tokens per second and the share of the matmul peak; see
@@ -9,16 +9,11 @@ benchmarks/README.md.
 """
 
 import argparse
-import sys
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_generate import (  # noqa: E402
+from benchmarks.bench_generate import (
     DTYPES,
     cross_kv_flops,
     environment,
@@ -33,8 +28,8 @@ from bench_generate import (  # noqa: E402
     time_call,
     write_outputs,
 )
-from progressive_denoising import PDMForTextToImage  # noqa: E402
-from progressive_denoising.ordering import build_stage_tuples, order_scores, scores_to_ranks  # noqa: E402
+from progressive_denoising import PDMForTextToImage
+from progressive_denoising.ordering import build_stage_tuples, order_scores, scores_to_ranks
 
 
 def train_step_flops(config, text_length: int, checkpointing: bool) -> dict:

@@ -1,6 +1,6 @@
 """Editing on PDM-Shapes: inpaint an object, revise a colour or a shape word.
 
-    python benchmarks/edit_shapes.py --model progressive_denoising/bundled/pdm-shapes \
+    python -m benchmarks.edit_shapes --model progressive_denoising/bundled/pdm-shapes \
         --recogniser progressive_denoising/bundled/pdm-shapes/recogniser --data runs/shapes32 --num-scenes 300 \
         --out docs/results/editing.json --md docs/results/editing.md --figure docs/editing.png
 

@@ -1,7 +1,7 @@
 """Prompt alignment against training minutes: every snapshot of one or more `train_pdm.py` runs, scored on PDM-Shapes.
 
-    python training/train_pdm.py --config training/configs/shapes32_cpu.yaml snapshot_steps=500 output_dir=runs/pdm
-    python benchmarks/learning_curve.py --run runs/pdm --run runs/ar --vqvae runs/vq32 \
+    python -m training.train_pdm --config training/configs/shapes32_cpu.yaml snapshot_steps=500 output_dir=runs/pdm
+    python -m benchmarks.learning_curve --run runs/pdm --run runs/ar --vqvae runs/vq32 \
         --recogniser runs/recogniser32 --data runs/shapes32 --num-prompts 300 --out curve.json --plot curve.png
 
 A snapshot (`snapshots/step-N/`, written every `snapshot_steps`) holds the model as the run would save it at that
@@ -21,7 +21,7 @@ from diffusers import VQModel
 from transformers import AutoModel, AutoTokenizer
 
 from progressive_denoising import PDMARForTextToImage, PDMPipeline, evaluation
-from shapes_tables import generate_images, load_test  # the same sampling and test prompts as the tables
+from benchmarks.shapes_tables import generate_images, load_test  # the same sampling and test prompts as the tables
 
 CACHE_NAME = "learning_curve.json"
 

@@ -1,23 +1,26 @@
 """The paper's tables 3-5 in miniature, on PDM-Shapes.
 
     # table 4: one trained pipeline, several stage counts (plus the VQ reconstructions as the ceiling)
-    python benchmarks/shapes_tables.py stages --model progressive_denoising/bundled/pdm-shapes --recogniser runs/recogniser32 \
-        --data runs/shapes32 --stages 4,8,16,64 --out table4.json --md table4.md
+    python -m benchmarks.shapes_tables stages --model progressive_denoising/bundled/pdm-shapes \
+        --recogniser runs/recogniser32 --data runs/shapes32 --stages 4,8,16,64 --out table4.json --md table4.md
 
     # the sampling levers of one pipeline: one row per --setting "name:key=value,..." (arguments of generate),
     # with the codes error recovering replaced per image
-    python benchmarks/shapes_tables.py sampling --model progressive_denoising/bundled/pdm-shapes --recogniser ... \
+    python -m benchmarks.shapes_tables sampling --model progressive_denoising/bundled/pdm-shapes --recogniser ... \
         --data runs/shapes32 --setting "default:" --setting "no error recovering:max_replacements=0" \
         --setting "guidance 3:guidance_scale=3"
 
-    # tables 3 and 5: one training run per arm (same config and budget), each evaluated at the config's stages;
-    # table 3 also trains the autoregressive baseline (model_type=ar) and samples it with its KV cache, and the learned
-    # order: the quant-error arm followed by --policy_steps of policy-gradient training of its state head
-    python benchmarks/shapes_tables.py orders  --config training/configs/shapes32_cpu.yaml --max_steps 3000 ...
-    python benchmarks/shapes_tables.py p-error --config training/configs/shapes32_cpu.yaml --max_steps 3000 ...
+    # tables 3 and 5: one training run per arm and training seed (same config and budget), each evaluated at the
+    # config's stages; table 3 also trains the autoregressive baseline (model_type=ar) and samples it with its KV cache,
+    # and the learned order: the quant-error arm followed by --policy_steps of policy-gradient training of its state
+    # head (rewarded by the recogniser's prompt alignment). With --train-seeds 0,1 a row is the mean of the seeds.
+    python -m benchmarks.shapes_tables orders  --config training/configs/shapes32_cpu.yaml --max_steps 3000 \
+        --train-seeds 0,1 ...
+    python -m benchmarks.shapes_tables p-error --config training/configs/shapes32_cpu.yaml --max_steps 3000 \
+        --train-seeds 0,1 ...
 
     # the recipe's levers: one arm per --arm "name:key=value,key=value" (train_pdm.py overrides of the config)
-    python benchmarks/shapes_tables.py recipe --config training/configs/shapes32_cpu.yaml --max_steps 2000 \
+    python -m benchmarks.shapes_tables recipe --config training/configs/shapes32_cpu.yaml --max_steps 2000 \
         --arm "as configured:" --arm "paper's token loss:token_loss_positions=stage" ...
 
 Every row reports prompt alignment (all prompts and the held-out (colour, shape) pairs), the attribute-level partial
@@ -39,19 +42,20 @@ import numpy as np
 import torch
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from progressive_denoising import PDMARForTextToImage, PDMPipeline  # noqa: E402
-from progressive_denoising import evaluation, shapes  # noqa: E402
-from progressive_denoising.vq import (  # noqa: E402
+from progressive_denoising import PDMARForTextToImage, PDMPipeline
+from progressive_denoising import evaluation, shapes
+from progressive_denoising.vq import (
     decode_codes, encode_to_codes, postprocess_images, preprocess_images, vq_grid,
 )
 
 ORDER_ARMS = ("raster", "random", "quant-error", "reverse-quant-error")  # plus the autoregressive baseline
 P_ERROR_ARMS = (0.0, 0.3, 0.5, 0.7, 1.0)
-# The learned arm: REINFORCE on the quant-error arm's state head. A larger step than train_policy's default (1e-5)
-# because the benchmark's policy budget is a few hundred steps.
-POLICY_OPTIONS = ("--batch_size", "16", "--learning_rate", "1e-4")
+# The learned arm: REINFORCE on the quant-error arm's state head (both decisions: fill and replace), rewarded by the
+# recogniser's prompt alignment; 16 prompts a step, 4 rollouts each, each rollout's baseline the mean of its prompt's
+# other three. A larger step than train_policy's default (1e-5) because the benchmark's policy budget is a few hundred
+# steps; larger steps (1e-3, 3e-3) made the reward fall on the bundled model (random walk of a noisy gradient).
+POLICY_OPTIONS = ("--batch_size", "16", "--rollouts_per_prompt", "4", "--baseline", "per-prompt",
+                  "--learning_rate", "1e-4", "--reward", "alignment")
 
 
 def generate_images(pipe, captions, seed, batch_size, guidance_scale, replaced=None, **stage_kwargs):
@@ -183,23 +187,28 @@ def run_unless_done(command, output_dir):
     return final
 
 
-def train_arm(args, name, overrides):
-    """Train one arm with train_pdm.py (same config and budget as every other arm); returns its pipeline folder."""
-    output_dir = os.path.join(args.runs, re.sub(r"[^\w.=-]+", "_", name).strip("_"))
+def arm_folder(args, name, seed):
+    return os.path.join(args.runs, re.sub(r"[^\w.=-]+", "_", name).strip("_"), f"seed={seed}")
+
+
+def train_arm(args, name, overrides, seed):
+    """Train one arm with train_pdm.py (same config and budget as every other arm, training seed `seed`); returns its
+    pipeline folder."""
+    output_dir = arm_folder(args, name, seed)
     # `latest` resumes an arm that was interrupted (and starts one that has no checkpoint yet).
-    return run_unless_done([sys.executable, "training/train_pdm.py", "--config", args.config, "--max_steps",
+    return run_unless_done([sys.executable, "-m", "training.train_pdm", "--config", args.config, "--max_steps",
                             str(args.max_steps), "--output_dir", output_dir, "--resume_from_checkpoint", "latest",
-                            *overrides], output_dir)
+                            *overrides, f"seed={seed}"], output_dir)
 
 
-def train_learned_arm(args, fixed_order_folder):
+def train_learned_arm(args, fixed_order_folder, seed):
     """Table 3's `learned` arm: a fixed-order arm whose state head is then trained as a policy (train_policy.py)."""
-    output_dir = os.path.join(args.runs, "order=learned")
+    output_dir = arm_folder(args, "order=learned", seed)
     with open(args.config) as f:
         dataset = yaml.safe_load(f)["dataset"]
-    return run_unless_done([sys.executable, "training/train_policy.py", "--model_name_or_path", fixed_order_folder,
+    return run_unless_done([sys.executable, "-m", "training.train_policy", "--model_name_or_path", fixed_order_folder,
                             "--dataset", dataset, "--max_steps", str(args.policy_steps), "--output_dir", output_dir,
-                            *POLICY_OPTIONS], output_dir)
+                            "--seed", str(seed), "--recogniser", args.recogniser, *POLICY_OPTIONS], output_dir)
 
 
 def load_arm(folder, config):
@@ -226,29 +235,59 @@ def train_minutes(folder):
 
 
 def recipe_arms(args):
-    """(name, trainer, order) of every --arm "name:key=value,..."; the order is the arm's own (None: its config's)."""
+    """(name, trainer(seed), order) of every --arm "name:key=value,..."; the order is the arm's own (None: its
+    config's)."""
     return [(name, functools.partial(train_arm, args, name, items), None)
             for name, items in map(parse_spec, args.arm)]
+
+
+def score_arm(args, folder, order, recogniser, real_images, captions):
+    """One arm's row, cached in its folder (`scores.json`, keyed by the sampling settings) so that a table can be
+    rebuilt, or grown by an arm, without sampling the others again."""
+    cache_path = os.path.join(os.path.dirname(os.path.normpath(folder)), "scores.json")
+    key = f"prompts={len(captions)},seed={args.seed},guidance={args.guidance_scale},order={order}"
+    cache = json.load(open(cache_path)) if os.path.exists(cache_path) else {}
+    if key in cache:
+        return cache[key]
+    pipe = load_arm(folder, args.config).to(args.device)
+    if isinstance(pipe.model, PDMARForTextToImage):
+        steps, stage_kwargs = pipe.model.config.num_image_tokens, {}
+    else:
+        steps = pipe.model.config.num_stages
+        stage_kwargs = dict(num_stages=steps, order=order or pipe.model.config.training_order)
+    images, seconds = generate_images(pipe, captions, args.seed, args.batch_size, args.guidance_scale, **stage_kwargs)
+    cache[key] = dict(evaluation.evaluate_images(recogniser, images, captions, real_images),
+                      seconds_per_image=seconds / len(captions), stages=steps, train_minutes=train_minutes(folder))
+    with open(cache_path, "w") as f:
+        json.dump(cache, f, indent=2)
+    return cache[key]
+
+
+SPREAD_KEYS = ("alignment", "alignment_held_out", "fid")
+
+
+def mean_row(seed_rows):
+    """The mean of several training seeds' rows, with each seed's alignment, held-out alignment and FID (`*_seeds`)
+    so that a table shows the spread."""
+    row = {key: float(np.mean([r[key] for r in seed_rows])) for key, value in seed_rows[0].items()
+           if isinstance(value, (int, float)) and all(r.get(key) is not None for r in seed_rows)}
+    row["images"] = seed_rows[0]["images"]
+    row["stages"] = seed_rows[0]["stages"]
+    for key in SPREAD_KEYS:
+        row[f"{key}_seeds"] = [r[key] for r in seed_rows]
+    return row
 
 
 def arms_table(args, arms):
     recogniser = evaluation.ShapesRecogniser.from_pretrained(args.recogniser, device=args.device)
     real_images, captions = load_test(args.data, args.num_prompts)
     rows = reference_rows(recogniser, real_images, captions)
+    seeds = [int(seed) for seed in args.train_seeds.split(",")]
     for name, train, order in arms:
         if args.arms and not any(wanted in name for wanted in args.arms.split(",")):
             continue
-        folder = train()
-        pipe = load_arm(folder, args.config).to(args.device)
-        if isinstance(pipe.model, PDMARForTextToImage):
-            steps, stage_kwargs = pipe.model.config.num_image_tokens, {}
-        else:
-            steps = pipe.model.config.num_stages
-            stage_kwargs = dict(num_stages=steps, order=order or pipe.model.config.training_order)
-        images, seconds = generate_images(pipe, captions, args.seed, args.batch_size, args.guidance_scale,
-                                          **stage_kwargs)
-        rows[name] = dict(evaluation.evaluate_images(recogniser, images, captions, real_images),
-                          seconds_per_image=seconds / len(captions), stages=steps, train_minutes=train_minutes(folder))
+        seed_rows = [score_arm(args, train(seed), order, recogniser, real_images, captions) for seed in seeds]
+        rows[name] = mean_row(seed_rows) if len(seeds) > 1 else seed_rows[0]
     return rows
 
 
@@ -262,8 +301,15 @@ def format_rows(rows):
     columns = [column for column in columns if any(row.get(column[1]) is not None for row in rows.values())]
     lines = ["| row | " + " | ".join(title for title, _, _ in columns) + " |",
              "|---|" + "---:|" * len(columns)]
+    def cell(row, key, fmt):
+        if row.get(key) is None:
+            return "-"
+        if f"{key}_seeds" in row:  # a mean over training seeds: each seed's value follows in brackets
+            return f"{row[key]:{fmt}} ({' / '.join(format(v, fmt) for v in row[f'{key}_seeds'])})"
+        return format(row[key], fmt)
+
     for name, row in rows.items():
-        cells = ["-" if row.get(key) is None else format(row[key], fmt) for _, key, fmt in columns]
+        cells = [cell(row, key, fmt) for _, key, fmt in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -281,6 +327,9 @@ def parse_args(argv=None):
     parser.add_argument("--config", help="orders / p-error: the training config every arm shares")
     parser.add_argument("--max_steps", type=int, default=3000, help="orders / p-error: training budget of every arm")
     parser.add_argument("--runs", default="runs/tables", help="orders / p-error: where the arms are trained")
+    parser.add_argument("--train-seeds", default="0",
+                        help="orders / p-error / recipe: training seeds, comma-separated; with several, each arm is "
+                             "trained once per seed and its row is the mean, each seed's value in brackets")
     parser.add_argument("--policy_steps", type=int, default=300,
                         help="orders: policy-gradient steps of the learned arm (after the quant-error arm's training)")
     parser.add_argument("--arm", action="append", default=[],
@@ -319,7 +368,7 @@ def main(argv=None):
         arms = [(f"order={o}", functools.partial(train_arm, args, f"order={o}", [f"order={o}"]), o)
                 for o in ORDER_ARMS]
         quant_error = functools.partial(train_arm, args, "order=quant-error", ["order=quant-error"])
-        arms.append(("order=learned", lambda: train_learned_arm(args, quant_error()), "learned"))
+        arms.append(("order=learned", lambda seed: train_learned_arm(args, quant_error(seed), seed), "learned"))
         arms.append(("autoregressive (KV cache)",
                      functools.partial(train_arm, args, "autoregressive (KV cache)", ["model_type=ar"]), None))
         rows = arms_table(args, arms)

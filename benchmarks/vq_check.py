@@ -1,6 +1,6 @@
 """How faithful and how canonical a VQ model is on PDM-Shapes test images.
 
-    python benchmarks/vq_check.py --vqvae runs/vq32-f4 --recogniser progressive_denoising/bundled/pdm-shapes/recogniser \
+    python -m benchmarks.vq_check --vqvae runs/vq32-f4 --recogniser progressive_denoising/bundled/pdm-shapes/recogniser \
         --data runs/shapes32
 
 Prints the recogniser's scores of the reconstructions (alignment, held-out pairs, attribute credit, FID against the
@@ -18,7 +18,7 @@ import torch
 from diffusers import VQModel
 
 from progressive_denoising import evaluation
-from shapes_tables import vq_round_trip  # the reconstructions of the tables' "VQ reconstruction" row
+from benchmarks.shapes_tables import vq_round_trip  # the reconstructions of the tables' "VQ reconstruction" row
 
 
 def code_entropy_given_patch(pixels, codes):

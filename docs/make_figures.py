@@ -1,6 +1,6 @@
 """The README's figures: a grid of the bundled model's images with their prompts, and a coarse-to-fine strip.
 
-    python docs/make_figures.py --out docs            # writes docs/grid.png and docs/stages.png
+    python -m docs.make_figures --out docs            # writes docs/grid.png and docs/stages.png
 
 Images are enlarged with nearest-neighbour sampling (the bundled model draws 32x32 images); every image is drawn
 with `torch.Generator().manual_seed(seed)` at the model's default number of stages.
@@ -8,15 +8,12 @@ with `torch.Generator().manual_seed(seed)` at the model's default number of stag
 
 import argparse
 import os
-import sys
 
 import torch
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from progressive_denoising import PDMPipeline  # noqa: E402
-from progressive_denoising.commands.generate import BUNDLED_MODEL  # noqa: E402
+from progressive_denoising import PDMPipeline
+from progressive_denoising import BUNDLED_MODEL
 
 # Two prompts hold a (colour, shape) pair that never occurs in training (red triangle, blue circle).
 PROMPTS = [

@@ -23,7 +23,8 @@ PDM = [sys.executable, "-m", "progressive_denoising.cli"]
 
 
 def script(name):
-    return [sys.executable, os.path.join(REPO_ROOT, "training", name)]
+    """`python -m training.NAME` (`run` puts the repository root on PYTHONPATH)."""
+    return [sys.executable, "-m", "training." + name.removesuffix(".py")]
 
 
 def run(command, cwd, **extra_env):

@@ -15,11 +15,10 @@ from safetensors.torch import load_file
 from train_data import TINY_OPTIONS, make_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "training", "train_pdm.py")
-sys.path.insert(0, ROOT)
+SCRIPT = ("-m", "training.train_pdm")  # run as a module; PYTHONPATH=ROOT (see env) makes `training` importable
 
-from training import utils  # noqa: E402
-from training.train_pdm import Options  # noqa: E402
+from training import utils
+from training.train_pdm import Options
 
 
 def env(**extra):
@@ -36,7 +35,7 @@ def config(tmp_path_factory):
 
 
 def run(args, timeout=300, launcher=(sys.executable,), **extra_env):
-    return subprocess.run([*launcher, SCRIPT, *args], env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*launcher, *SCRIPT, *args], env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
 
 
 def losses(output_dir):
@@ -77,7 +76,7 @@ def test_resuming_after_a_kill_matches_an_uninterrupted_run(config, tmp_path):
     assert run(common + ["--output_dir", straight]).returncode == 0
 
     crashed = str(tmp_path / "crashed")
-    process = subprocess.Popen([sys.executable, SCRIPT, *common, "--output_dir", crashed], env=env(),
+    process = subprocess.Popen([sys.executable, *SCRIPT, *common, "--output_dir", crashed], env=env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not utils.checkpoints(crashed) and process.poll() is None:
         time.sleep(0.01)

@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
     --num-test 1000 --seed 0 --size 32
 # 2. image tokenizer: 8x8 codes of 4x4 pixels, 1024 codes, look-alike codes merged before the last 500 steps
 #    (about 30 minutes)
-[ -f runs/vq32-f4/diffusion_pytorch_model.safetensors ] || python training/train_vqvae.py --data runs/shapes32 \
+[ -f runs/vq32-f4/diffusion_pytorch_model.safetensors ] || python -m training.train_vqvae --data runs/shapes32 \
     --output runs/vq32-f4 --resolution 32 --steps 4000 --batch_size 64 --lr 2e-3 --block_out_channels 32,64,128 \
     --norm_num_groups 8 --num_codes 1024 --foreground_weight 10 --log_every 250 --max_eval_images 1000 --seed 0 \
     --merge_purity 0.9 --merge_steps 500
@@ -21,7 +21,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
     --output runs/shapes32-codes-f4 --batch-size 256
 # 4. the PDM (word tokenizer + jointly trained T5 + decoder), 30000 steps at batch 32 (about an hour: 57 minutes
 #    here, 0.11 s a step and checkpoints); writes a pipeline folder to runs/pdm-shapes32/final
-[ -d runs/pdm-shapes32/final ] || python training/train_pdm.py --config training/configs/shapes32_cpu.yaml \
+[ -d runs/pdm-shapes32/final ] || python -m training.train_pdm --config training/configs/shapes32_cpu.yaml \
     --resume_from_checkpoint latest
 # 5. the attribute recogniser used by `pdm evaluate` (about 10 minutes)
 [ -f runs/recogniser32/model.safetensors ] || pdm evaluate --train-recogniser --out runs/recogniser32 --size 32 \

@@ -1,6 +1,6 @@
 """Train a Progressive Denoising Model on a pre-tokenized data set (sections 3.2-3.3, appendix A of the paper).
 
-    accelerate launch training/train_pdm.py --config training/configs/shapes_tiny.yaml --max_steps 2000
+    accelerate launch -m training.train_pdm --config training/configs/shapes_tiny.yaml --max_steps 2000
 
 Every option below can be set in the YAML file and overridden on the command line (`--key value` or
 `key=value`). Per batch: a stage t uniform in 1..T per example, ranks from the order, the tuple (Y^{t-1}, Z^t, Y^t)
@@ -22,13 +22,11 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from diffusers.training_utils import EMAModel
 from transformers import AutoTokenizer, T5Config, get_cosine_schedule_with_warmup
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from progressive_denoising import PDMARConfig, PDMARForTextToImage, PDMConfig, PDMForTextToImage  # noqa: E402
-from progressive_denoising.configuration_pdm import TOKEN_LOSS_POSITIONS  # noqa: E402
-from progressive_denoising.text_tokenizer import LEVELS, train_caption_tokenizer  # noqa: E402
-from progressive_denoising.commands.base import run_script  # noqa: E402
-from training import utils  # noqa: E402
+from progressive_denoising import PDMARConfig, PDMARForTextToImage, PDMConfig, PDMForTextToImage
+from progressive_denoising.configuration_pdm import TOKEN_LOSS_POSITIONS
+from progressive_denoising.text_tokenizer import LEVELS, train_caption_tokenizer
+from progressive_denoising.commands.base import run_script
+from training import utils
 
 TRAIN_ORDERS = ("raster", "random", "quant-error", "reverse-quant-error")
 # "pdm": staged masked filling (eq. 4); "ar": the autoregressive baseline, next-code loss in raster order (eq. 3).

@@ -18,7 +18,7 @@ saves the model with `save_pretrained` (safetensors) plus `training_metrics.json
 Example (PDM-Shapes at 64x64 -> 16x16 codes, 512 codes):
 
     pdm make-shapes --out data/shapes --num-train 20000 --seed 0
-    python training/train_vqvae.py --data data/shapes --output models/vq-shapes --steps 20000 --device cuda
+    python -m training.train_vqvae --data data/shapes --output models/vq-shapes --steps 20000 --device cuda
 """
 
 import json

@@ -15,7 +15,7 @@ cat "$OUT/env.txt"
 VQ=gpu/vq
 if [ "${TRAIN_VQ:-1}" != 0 ]; then
   VQ=$W/vq
-  $PY training/train_vqvae.py --data gpu/shapes32 --output $VQ --resolution 32 --steps ${VQ_STEPS:-3000} --batch_size 64 --lr 2e-3 \
+  $PY -m training.train_vqvae --data gpu/shapes32 --output $VQ --resolution 32 --steps ${VQ_STEPS:-3000} --batch_size 64 --lr 2e-3 \
       --block_out_channels 32,64 --norm_num_groups 8 --num_codes 128 --foreground_weight 10 --log_every 500 \
       --max_eval_images 1000 --seed 0 --merge_tolerance 0.1 --merge_steps ${MERGE_STEPS:-500} --device ${DEVICE:-cuda} --overwrite \
       > "$W/logs/vq.log" 2>&1 || { tail -n 20 "$W/logs/vq.log"; exit 1; }
@@ -44,7 +44,7 @@ ARMS=(
 )
 for arm in "${ARMS[@]}"; do
   name=${arm%%|*}; overrides=${arm#*|}
-  timeout "$TRAIN_SECONDS" $PY training/train_pdm.py --config "$W/config.yaml" --output_dir "$W/ablate/$name" \
+  timeout "$TRAIN_SECONDS" $PY -m training.train_pdm --config "$W/config.yaml" --output_dir "$W/ablate/$name/seed=0" \
       --num_samples 0 --eval_steps 100000 --checkpointing_steps 100000 --log_with null ${overrides//,/ } \
       > "$W/logs/$name.log" 2>&1 &
 done
@@ -52,10 +52,10 @@ wait
 specs=()
 for arm in "${ARMS[@]}"; do
   name=${arm%%|*}; overrides=${arm#*|}
-  if [ -d "$W/ablate/$name/final" ]; then specs+=(--arm "$name:$overrides"); else echo "not finished: $name"; tail -n 3 "$W/logs/$name.log"; fi
+  if [ -d "$W/ablate/$name/seed=0/final" ]; then specs+=(--arm "$name:$overrides"); else echo "not finished: $name"; tail -n 3 "$W/logs/$name.log"; fi
 done
-for arm in "${ARMS[@]}"; do name=${arm%%|*}; tail -n 1 "$W/ablate/$name/losses.jsonl" 2>/dev/null | sed "s/^/$name /"; done > "$OUT/last_losses.txt"
-$PY benchmarks/shapes_tables.py recipe --config "$W/config.yaml" --runs "$W/ablate" \
+for arm in "${ARMS[@]}"; do name=${arm%%|*}; tail -n 1 "$W/ablate/$name/seed=0/losses.jsonl" 2>/dev/null | sed "s/^/$name /"; done > "$OUT/last_losses.txt"
+$PY -m benchmarks.shapes_tables recipe --config "$W/config.yaml" --runs "$W/ablate" \
     --recogniser progressive_denoising/bundled/pdm-shapes/recogniser --data gpu/shapes32 --num-prompts ${NUM_PROMPTS:-500} \
     --device ${DEVICE:-cuda} "${specs[@]}" --out "$OUT/ablation.json" --md "$OUT/ablation.md" 2>&1 | grep -v Warning | tail -n 30
-tar czf "$OUT/logs.tgz" "$W/logs" "$W"/ablate/*/losses.jsonl 2>/dev/null
+tar czf "$OUT/logs.tgz" "$W/logs" "$W"/ablate/*/seed=0/losses.jsonl 2>/dev/null

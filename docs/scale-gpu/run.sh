@@ -41,7 +41,7 @@ fi
 train() {  # "name|key=value,...", output folder, max_steps, warmup (wide arms also get a wider T5)
   local name=${1%%|*} args; IFS=, read -ra args <<< "${1#*|}"
   [[ $name == wide* ]] && args+=("text_config={d_model: 256, d_ff: 1024, num_layers: 4, num_heads: 4, d_kv: 64}")
-  $PY training/train_pdm.py --config "$W/config.yaml" --output_dir "$2" --max_steps "$3" --warmup_steps "$4" "${args[@]}"
+  $PY -m training.train_pdm --config "$W/config.yaml" --output_dir "$2" --max_steps "$3" --warmup_steps "$4" "${args[@]}"
 }
 # calibration: all arms together, as in the real run; seconds per step between steps 20 and 60
 for arm in "${ARMS[@]}"; do name=${arm%%|*}; train "$arm" "$W/cal/$name" 60 10 > "$W/logs/cal-$name.log" 2>&1 & done; wait
@@ -56,16 +56,16 @@ done | tee "$OUT/steps.txt"
 while read -r name steps _; do STEPS[${name%:}]=$steps; done < "$OUT/steps.txt"
 for arm in "${ARMS[@]}"; do
   name=${arm%%|*}; [ "${STEPS[$name]:-?}" = "?" ] && continue
-  timeout $((TRAIN_SECONDS + 150)) bash -c "$(declare -f train); PY=$PY W=$W; train '$arm' '$W/arms/$name' ${STEPS[$name]} 500" \
+  timeout $((TRAIN_SECONDS + 150)) bash -c "$(declare -f train); PY=$PY W=$W; train '$arm' '$W/arms/$name/seed=0' ${STEPS[$name]} 500" \
       > "$W/logs/$name.log" 2>&1 &
 done; wait
 specs=()
 for arm in "${ARMS[@]}"; do
   name=${arm%%|*}
-  if [ -d "$W/arms/$name/final" ]; then specs+=(--arm "$name:"); else echo "not finished: $name"; tail -n 3 "$W/logs/$name.log"; fi
-  tail -n 1 "$W/arms/$name/losses.jsonl" 2>/dev/null | sed "s/^/$name /" >> "$OUT/last_losses.txt"
+  if [ -d "$W/arms/$name/seed=0/final" ]; then specs+=(--arm "$name:"); else echo "not finished: $name"; tail -n 3 "$W/logs/$name.log"; fi
+  tail -n 1 "$W/arms/$name/seed=0/losses.jsonl" 2>/dev/null | sed "s/^/$name /" >> "$OUT/last_losses.txt"
 done
-$PY benchmarks/shapes_tables.py recipe --config "$W/config.yaml" --runs "$W/arms" --recogniser \
+$PY -m benchmarks.shapes_tables recipe --config "$W/config.yaml" --runs "$W/arms" --recogniser \
     progressive_denoising/bundled/pdm-shapes/recogniser --data $W/shapes32 --num-prompts $NUM_PROMPTS \
     --device $DEVICE "${specs[@]}" --out "$OUT/scale.json" --md "$OUT/scale.md" 2>&1 | grep -v Warning | tail -n 12
 # The best arm (by alignment) comes back for scoring on the CPU, in pieces under the 16 MB a returned file may have.
@@ -73,7 +73,7 @@ best=$($PY -c "
 import json; rows = json.load(open('$OUT/scale.json'))
 arms = {k: v for k, v in rows.items() if k in '${ARMS[*]}'}; print(max(arms, key=lambda k: arms[k]['alignment']))")
 echo "best: $best"
-tar czf - --exclude=vqvae -C "$W/arms/$best" final losses.jsonl | split -b 15M - "$OUT/best-$best.tgz.part-"
-for arm in "${ARMS[@]}"; do name=${arm%%|*}; cp "$W/arms/$name/losses.jsonl" "$W/logs/losses-$name.jsonl" 2>/dev/null; done
+tar czf - --exclude=vqvae -C "$W/arms/$best/seed=0" final losses.jsonl | split -b 15M - "$OUT/best-$best.tgz.part-"
+for arm in "${ARMS[@]}"; do name=${arm%%|*}; cp "$W/arms/$name/seed=0/losses.jsonl" "$W/logs/losses-$name.jsonl" 2>/dev/null; done
 tar czf "$OUT/results.tgz" "$W/logs" "$W/config.yaml" "$OUT"/*.txt "$OUT"/scale.* 2>/dev/null
 ls -la "$OUT"
