@@ -7,9 +7,13 @@ class imports both model modules, so `AutoModel.from_pretrained(folder)` then kn
 """
 
 import importlib
+import os
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# The PDM-Shapes pipeline folder that ships with the package (model, tokenizer, VQ model and recogniser).
+BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled", "pdm-shapes")
 
 # public name -> module that defines it
 _LAZY_NAMES = {
@@ -35,7 +39,7 @@ _LAZY_NAMES = {
 _NEEDS_REGISTRATION = {"PDMConfig", "PDMARConfig", "PDMForTextToImage", "PDMARForTextToImage", "PDMPipeline",
                        "PDMInpaintPipeline", "PDMImg2ImgPipeline", "PDMRevisePipeline"}
 
-__all__ = sorted(_LAZY_NAMES)
+__all__ = sorted([*_LAZY_NAMES, "BUNDLED_MODEL"])
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` imports on first use
     from .configuration_pdm import ORDERS, STATE_NAMES, PDMARConfig, PDMConfig

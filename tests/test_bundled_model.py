@@ -6,8 +6,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from progressive_denoising import PDMPipeline
-from progressive_denoising.commands.generate import BUNDLED_MODEL
+from progressive_denoising import BUNDLED_MODEL, PDMPipeline
 from progressive_denoising.evaluation import ShapesRecogniser, prompt_alignment
 from progressive_denoising.shapes import make_shapes_dataset
 
@@ -45,3 +44,26 @@ def test_bundled_pipeline_draws_what_the_prompt_says():
     captions = list(test["caption"])
     images = pipe(captions, generator=[torch.Generator().manual_seed(i) for i in range(len(captions))]).images
     assert prompt_alignment(recogniser, images, captions)[0] >= 0.15
+
+
+PINNED_PROMPTS = ["a large red circle in the top left", "a small blue square right of a large green triangle"]
+PINNED_SETTINGS = {"default": {}, "random order": {"order": "random"}, "raster order": {"order": "raster"},
+                   "guidance 2": {"guidance_scale": 2.0},
+                   "temperature 0.7, top_k 50": {"temperature": 0.7, "top_k": 50},
+                   "8 stages, top_p 0.9": {"num_stages": 8, "top_p": 0.9}}
+
+
+def test_bundled_model_draws_the_pinned_codes():
+    # tests/data/bundled_codes.json holds the codes `generate` drew for these prompts and seeds 0 and 1 before the
+    # sampling code moved to its own module (commit cc27edb): refactors of the generation path must not change them.
+    import json
+
+    with open(os.path.join(os.path.dirname(__file__), "data", "bundled_codes.json")) as f:
+        pinned = json.load(f)
+    assert set(pinned) == set(PINNED_SETTINGS)
+    pipe = PDMPipeline.from_pretrained(BUNDLED_MODEL)
+    input_ids, attention_mask = pipe.encode_prompt(PINNED_PROMPTS)
+    for name, kwargs in PINNED_SETTINGS.items():
+        generators = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
+        codes = pipe.model.generate(input_ids, attention_mask, generator=generators, **kwargs)
+        assert codes.tolist() == pinned[name], name

@@ -21,7 +21,7 @@ from transformers.dynamic_module_utils import get_relative_import_files
 
 import progressive_denoising
 from progressive_denoising import PDMPipeline
-from progressive_denoising.commands.generate import BUNDLED_MODEL
+from progressive_denoising import BUNDLED_MODEL
 
 from tiny import tiny_model, tiny_tokenizer, tiny_vqmodel
 

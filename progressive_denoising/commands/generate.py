@@ -12,9 +12,9 @@ import time
 
 from .base import ArgumentParser, CommandError, UsageError, check_seed, first_line, positive_int, run_command
 from .base import usage_errors
+from .. import BUNDLED_MODEL
 from .files import atomic_outputs, check_distinct, check_local_or_hub, check_output_file
 
-BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundled", "pdm-shapes")
 # The arguments of `PDMPipeline.__call__` / `PDMForTextToImage.generate` that this command's flags set. Their values are
 # checked once, by the model (`check_generate_arguments`), whose messages name the argument: errors name the flag.
 FLAGS = {
