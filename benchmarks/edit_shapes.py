@@ -31,9 +31,9 @@ from progressive_denoising import (
     PDMInpaintPipeline,
     PDMPipeline,
     PDMRevisePipeline,
-    evaluation,
-    shapes,
 )
+from progressive_denoising.pdm_shapes import data as shapes_data, metrics
+from progressive_denoising.pdm_shapes.recogniser import ShapesRecogniser
 
 TOLERANCE = 0.05
 
@@ -53,7 +53,7 @@ def changed_word(caption, old, choices):
 
 
 def scenes_with(data, count, num_objects):
-    test = evaluation.load_split(data, "test")
+    test = metrics.load_split(data, "test")
     rows = [row for row in test if len(row["objects"]) == num_objects]
     return rows[:count]
 
@@ -90,7 +90,7 @@ def inpaint_task(pipes, recogniser, rows, args):
     images = [row["image"].convert("RGB") for row in rows]
     masks = [PIL.Image.fromarray(box_mask(row["objects"][1]["box"], size).astype(np.uint8) * 255) for row in rows]
     edited, changed = run(pipes["inpaint"], prompts, images, args.seed, args.batch_size, mask_image=masks)
-    _, aligned = evaluation.prompt_alignment(recogniser, edited, prompts)
+    _, aligned = metrics.prompt_alignment(recogniser, edited, prompts)
     recon = reconstructions(pipes["inpaint"], images)
     kept = []
     for row, image, reference, mask in zip(rows, edited, recon, masks):
@@ -120,7 +120,7 @@ def revise_task(pipes, recogniser, rows, args, attribute, choices):
     table, examples = {}, {}
     for name, (pipe, kwargs) in methods.items():
         edited, changed = run(pipe, prompts, images, args.seed, args.batch_size, **kwargs)
-        _, aligned = evaluation.prompt_alignment(recogniser, edited, prompts)
+        _, aligned = metrics.prompt_alignment(recogniser, edited, prompts)
         untouched = [untouched_share(image, reference, ~box_mask(box, size, grow))
                      for image, reference, box in zip(edited, recon, boxes)]
         table[f"revise {attribute}: {name}"] = {
@@ -128,7 +128,7 @@ def revise_task(pipes, recogniser, rows, args, attribute, choices):
             "untouched": float(np.mean(untouched)),
         }
         examples[name] = edited
-    _, before = evaluation.prompt_alignment(recogniser, images, prompts)
+    _, before = metrics.prompt_alignment(recogniser, images, prompts)
     table[f"revise {attribute}: input image (no edit)"] = {"scenes": len(rows), "caption": float(np.mean(before)),
                                                            "codes_changed": 0.0, "untouched": 1.0}
     return table, list(zip(images, prompts, examples["revise (state head chooses)"]))
@@ -175,11 +175,12 @@ def main(argv=None):
              "revise": PDMRevisePipeline.from_pipe(base)}
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
-    recogniser = evaluation.ShapesRecogniser.from_pretrained(args.recogniser)
+    recogniser = ShapesRecogniser.from_pretrained(args.recogniser)
     rows, inpaint_examples = inpaint_task(pipes, recogniser, scenes_with(args.data, args.num_scenes, 2), args)
     one_object = scenes_with(args.data, args.num_scenes, 1)
-    colour_rows, colour_examples = revise_task(pipes, recogniser, one_object, args, "colour", list(shapes.COLOUR_NAMES))
-    shape_rows, _ = revise_task(pipes, recogniser, one_object, args, "shape", list(shapes.SHAPES))
+    colour_rows, colour_examples = revise_task(pipes, recogniser, one_object, args, "colour",
+                                               list(shapes_data.COLOUR_NAMES))
+    shape_rows, _ = revise_task(pipes, recogniser, one_object, args, "shape", list(shapes_data.SHAPES))
     rows.update(colour_rows)
     rows.update(shape_rows)
     table = format_rows(rows)

@@ -20,7 +20,9 @@ import torch
 from diffusers import VQModel
 from transformers import AutoModel, AutoTokenizer
 
-from progressive_denoising import PDMARForTextToImage, PDMPipeline, evaluation
+from progressive_denoising import PDMARForTextToImage, PDMPipeline
+from progressive_denoising.pdm_shapes import metrics
+from progressive_denoising.pdm_shapes.recogniser import ShapesRecogniser
 from benchmarks.shapes_tables import generate_images, load_test  # the same sampling and test prompts as the tables
 
 CACHE_NAME = "learning_curve.json"
@@ -41,7 +43,7 @@ def score_snapshot(folder, tokenizer, vqvae, recogniser, real_images, captions, 
     pipe = PDMPipeline(tokenizer=tokenizer, model=model, vqvae=vqvae)
     stage_kwargs = {} if isinstance(model, PDMARForTextToImage) else {"num_stages": model.config.num_stages}
     images, seconds = generate_images(pipe, captions, args.seed, args.batch_size, args.guidance_scale, **stage_kwargs)
-    row = evaluation.evaluate_images(recogniser, images, captions, real_images)
+    row = metrics.evaluate_images(recogniser, images, captions, real_images)
     with open(os.path.join(folder, "train_seconds.json")) as f:
         row["train_minutes"] = json.load(f)["train_seconds"] / 60
     return dict(row, seconds_per_image=seconds / len(captions))
@@ -107,7 +109,7 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_grad_enabled(False)
     vqvae = VQModel.from_pretrained(args.vqvae).eval()
-    recogniser = evaluation.ShapesRecogniser.from_pretrained(args.recogniser)
+    recogniser = ShapesRecogniser.from_pretrained(args.recogniser)
     real_images, captions = load_test(args.data, args.num_prompts)
     labels = args.label or [os.path.basename(os.path.normpath(run)) for run in args.run]
     curves = {label: run_curve(run, vqvae, recogniser, real_images, captions, args)

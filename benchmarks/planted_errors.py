@@ -18,7 +18,8 @@ import json
 
 import torch
 
-from progressive_denoising import PDMPipeline, evaluation
+from progressive_denoising import PDMPipeline
+from progressive_denoising.pdm_shapes import metrics
 from progressive_denoising.ordering import scores_to_ranks, stage_schedule
 from progressive_denoising.sampling import choose_replacements
 from progressive_denoising.vq import encode_to_codes, preprocess_images
@@ -74,7 +75,7 @@ def main(argv=None):
     parser.add_argument("--out", help="JSON file for the rows")
     args = parser.parse_args(argv)
     pipe = PDMPipeline.from_pretrained(args.model)
-    test = evaluation.load_split(args.data, "test").select(range(args.num_images))
+    test = metrics.load_split(args.data, "test").select(range(args.num_images))
     images, captions = [image.convert("RGB") for image in test["image"]], list(test["caption"])
     resolution = pipe.vqvae.config.sample_size
     encoded = [encode_to_codes(pipe.vqvae, preprocess_images(images[i:i + args.batch_size], resolution))

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from diffusers import VQModel
 
-from progressive_denoising import evaluation
+from progressive_denoising.pdm_shapes import metrics
+from progressive_denoising.pdm_shapes.recogniser import ShapesRecogniser
 from benchmarks.shapes_tables import vq_round_trip  # the reconstructions of the tables' "VQ reconstruction" row
 
 
@@ -48,15 +49,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     vqvae = VQModel.from_pretrained(args.vqvae).eval()
-    recogniser = evaluation.ShapesRecogniser.from_pretrained(args.recogniser)
-    real = evaluation.load_split(args.data, "test")
+    recogniser = ShapesRecogniser.from_pretrained(args.recogniser)
+    real = metrics.load_split(args.data, "test")
     images, captions = [image.convert("RGB") for image in real["image"]], list(real["caption"])
     codes, reconstructions = vq_round_trip(vqvae, images, batch_size=200)
     codes = codes.numpy()
     original = np.stack([np.asarray(image) for image in images])
     difference = np.abs(original.astype(int) - np.stack([np.asarray(image) for image in reconstructions]).astype(int))
     off = difference.max(-1) > 40
-    scores = evaluation.evaluate_images(recogniser, reconstructions, captions, images)
+    scores = metrics.evaluate_images(recogniser, reconstructions, captions, images)
     entropy, black_codes = code_entropy_given_patch(original, codes)
     print("reconstructions:", {key: round(value, 4) if isinstance(value, float) else value
                                for key, value in scores.items()})

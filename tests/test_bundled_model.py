@@ -7,8 +7,9 @@ import PIL.Image
 import torch
 
 from progressive_denoising import BUNDLED_MODEL, PDMPipeline
-from progressive_denoising.evaluation import ShapesRecogniser, prompt_alignment
-from progressive_denoising.shapes import make_shapes_dataset
+from progressive_denoising.pdm_shapes.data import make_shapes_dataset
+from progressive_denoising.pdm_shapes.metrics import prompt_alignment
+from progressive_denoising.pdm_shapes.recogniser import ShapesRecogniser
 
 
 def test_bundled_pipeline_loads_and_generates():

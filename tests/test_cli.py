@@ -153,7 +153,6 @@ BAD_INPUTS = [
     ("evaluate-data-not-a-data-set", PDM, ["evaluate", "--images", "{ws}/generated", "--recogniser", "{ws}/rec",
                                            "--data", "{ws}/empty"], 2, ["--data"], None),
     ("evaluate-json-exists", PDM, EVALUATE + ["--json", "{out}/existing.png"], 2, ["--json", "--overwrite"], "file"),
-    ("evaluate-train-without-out", PDM, ["evaluate", "--train-recogniser"], 2, ["--out"], None),
     ("evaluate-recogniser-corrupt", PDM, EVALUATE + ["--json", "{out}/r.json"], 1, ["rec", "recogniser"], None),
     # the training scripts
     ("train-pdm-option-unknown", script("train_pdm.py"), ["--lerning_rate", "1"], 2, ["lerning_rate", "learning_rate"],
@@ -172,6 +171,11 @@ BAD_INPUTS = [
      ["--data"], None),
     ("train-vqvae-output-exists", script("train_vqvae.py"), ["--data", "{ws}/shapes", "--output", "{out}/existing"],
      2, ["--output", "--overwrite"], "folder"),
+    ("train-recogniser-without-out", script("train_recogniser.py"), ["--steps", "1"], 2, ["--out"], None),
+    ("train-recogniser-output-exists", script("train_recogniser.py"), ["--out", "{out}/existing"], 2,
+     ["--out", "--overwrite"], "folder"),
+    ("train-recogniser-size-too-small", script("train_recogniser.py"), ["--out", "{out}/rec", "--size", "8"], 2,
+     ["--size", "16"], None),
 ]
 
 

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from progressive_denoising import PDMARForTextToImage, PDMConfig, PDMForTextToImage
 from progressive_denoising.modeling_pdm import PDMPreTrainedModel
-from training.utils import model_card
+from training.hub import model_card
 
 from tiny import tiny_config
 

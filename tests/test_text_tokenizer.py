@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from progressive_denoising import shapes
+from progressive_denoising.pdm_shapes import data as shapes_data
 from progressive_denoising.text_tokenizer import train_caption_tokenizer, unknown_words
 
 
 def grammar_captions(count=3000, seed=0):
     rng = np.random.default_rng(seed)
-    return [shapes.caption_for(shapes.sample_scene(rng, 32)) for _ in range(count)]
+    return [shapes_data.caption_for(shapes_data.sample_scene(rng, 32)) for _ in range(count)]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,9 @@ def test_t5_special_tokens(tokenizer):
     batch = tokenizer(["a red circle", "a small red circle left of a large blue square"], padding=True)
     assert batch.input_ids[0][4:] == [0] * 7 and batch.attention_mask[0] == [1] * 4 + [0] * 7
     # the vocabulary is the grammar's words and the three special tokens
-    words = {w for kind in (shapes.SIZES, shapes.COLOUR_NAMES, shapes.SHAPES, shapes.REGIONS, shapes.RELATIONS)
-             for phrase in kind for w in phrase.split()} | {"a", "in", "the"}
+    kinds = (shapes_data.SIZES, shapes_data.COLOUR_NAMES, shapes_data.SHAPES, shapes_data.REGIONS,
+             shapes_data.RELATIONS)
+    words = {w for kind in kinds for phrase in kind for w in phrase.split()} | {"a", "in", "the"}
     assert len(tokenizer) == len(words) + 3
 
 

@@ -17,7 +17,7 @@ from train_data import TINY_OPTIONS, make_dataset
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = ("-m", "training.train_pdm")  # run as a module; PYTHONPATH=ROOT (see env) makes `training` importable
 
-from training import utils
+from training import data, loop, options
 from training.train_pdm import Options
 
 
@@ -78,7 +78,7 @@ def test_resuming_after_a_kill_matches_an_uninterrupted_run(config, tmp_path):
     crashed = str(tmp_path / "crashed")
     process = subprocess.Popen([sys.executable, *SCRIPT, *common, "--output_dir", crashed], env=env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not utils.checkpoints(crashed) and process.poll() is None:
+    while not loop.checkpoints(crashed) and process.poll() is None:
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -134,7 +134,7 @@ def test_a_nan_loss_stops_naming_the_step(config, tmp_path):
 def test_yaml_then_command_line_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("dataset: d\nlearning_rate: 3e-4\nema_decay: null\ntext_config: {d_model: 8}\n")
-    o = utils.parse_options(Options, ["--config", str(path), "--max_steps", "7", "order=random", "--ema_decay=0.99",
+    o = options.parse_options(Options, ["--config", str(path), "--max_steps", "7", "order=random", "--ema_decay=0.99",
                                       "--hub_model_id", "me/1e5", "--push_to_hub"])
     assert (o.dataset, o.learning_rate, o.max_steps, o.order) == ("d", 3e-4, 7, "random")
     assert o.ema_decay == 0.99 and o.hub_model_id == "me/1e5" and o.push_to_hub is True
@@ -143,9 +143,9 @@ def test_yaml_then_command_line_overrides(tmp_path):
 
 def test_bad_options_raise_value_errors_naming_them():
     with pytest.raises(ValueError, match="unknown option 'lerning_rate'"):
-        utils.parse_options(Options, ["--lerning_rate", "1"])
+        options.parse_options(Options, ["--lerning_rate", "1"])
     with pytest.raises(ValueError, match="'max_steps'"):
-        utils.parse_options(Options, ["--max_steps", "many"])
+        options.parse_options(Options, ["--max_steps", "many"])
     from training.train_pdm import check_options
 
     with pytest.raises(ValueError, match="'order'"):
@@ -166,8 +166,8 @@ def test_cached_text_states_give_the_same_loss_as_the_encoder():
     model, tokenizer = tiny_model(), tiny_tokenizer()
     captions = [CAPTIONS[0], "", CAPTIONS[7]]
     image_tokens = torch.full((3, 16), 16)
-    direct = model(**utils.TextStates(tokenizer, 64)(model, captions, "cpu"), image_tokens=image_tokens)
-    cache = utils.TextStates(tokenizer, 64, cache=True)
+    direct = model(**data.TextStates(tokenizer, 64)(model, captions, "cpu"), image_tokens=image_tokens)
+    cache = data.TextStates(tokenizer, 64, cache=True)
     cache(model, captions[:1], "cpu")  # cached alone, reused in a padded batch
     cached = model(**cache(model, captions, "cpu"), image_tokens=image_tokens)
     torch.testing.assert_close(direct.token_logits, cached.token_logits, rtol=1e-4, atol=1e-5)
@@ -176,7 +176,7 @@ def test_cached_text_states_give_the_same_loss_as_the_encoder():
 
 def test_known_regions_are_boxes_or_their_complements_on_the_asked_share():
     generator = torch.Generator().manual_seed(0)
-    known = utils.known_regions(2000, (4, 5), 0.5, generator)
+    known = data.known_regions(2000, (4, 5), 0.5, generator)
     assert known.shape == (2000, 20)
     assert 0.45 < known.any(-1).float().mean().item() < 0.55  # an inpainting box can cover all: then nothing is known
     for row in known[known.any(-1)][:200]:
@@ -187,4 +187,4 @@ def test_known_regions_are_boxes_or_their_complements_on_the_asked_share():
                 break
         else:
             raise AssertionError(f"neither the known codes nor the others form a box:\n{grid.int()}")
-    assert not utils.known_regions(100, (4, 5), 0.0, generator).any()
+    assert not data.known_regions(100, (4, 5), 0.0, generator).any()

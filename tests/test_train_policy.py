@@ -153,16 +153,16 @@ def test_rollout_draws_positions_by_probability_not_raw_logit():
 
 
 def test_alignment_reward_prefers_the_prompt_the_image_shows():
-    from progressive_denoising import shapes
+    from progressive_denoising.pdm_shapes import data as shapes_data
     from progressive_denoising import BUNDLED_MODEL
 
     rng = np.random.default_rng(0)
-    scenes = [shapes.sample_scene(rng, size=32) for _ in range(8)]
-    pixels = torch.stack([torch.from_numpy(np.array(shapes.render_scene(s, 32).convert("RGB"))) for s in scenes])
+    scenes = [shapes_data.sample_scene(rng, size=32) for _ in range(8)]
+    pixels = torch.stack([torch.from_numpy(np.array(shapes_data.render_scene(s, 32).convert("RGB"))) for s in scenes])
     images = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1  # the VQ decoder's range
     reward = AlignmentReward(os.path.join(BUNDLED_MODEL, "recogniser"), "cpu")
-    right = reward(images, {"prompts": [shapes.caption_for(s) for s in scenes]})
-    wrong = reward(images, {"prompts": [shapes.caption_for(s) for s in scenes[1:] + scenes[:1]]})
+    right = reward(images, {"prompts": [shapes_data.caption_for(s) for s in scenes]})
+    wrong = reward(images, {"prompts": [shapes_data.caption_for(s) for s in scenes[1:] + scenes[:1]]})
     assert right.shape == (8,) and (right <= 2).all() and (wrong >= 0).all()
     assert right.mean() > 1.8 and wrong.mean() < right.mean() - 0.5, (right, wrong)
 

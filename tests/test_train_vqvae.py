@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from progressive_denoising import shapes
+from progressive_denoising.pdm_shapes import data as shapes_data
 
 SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "training", "train_vqvae.py")
 
@@ -28,7 +28,7 @@ def test_a_few_steps_write_a_loadable_vqmodel(train_vqvae, tmp_path, capsys):
     from diffusers import VQModel
 
     data = tmp_path / "shapes"
-    shapes.make_shapes_dataset(24, seed=0, size=32, num_validation=8, num_test=1).save_to_disk(str(data))
+    shapes_data.make_shapes_dataset(24, seed=0, size=32, num_validation=8, num_test=1).save_to_disk(str(data))
     out = tmp_path / "vq"
     assert train_vqvae.main(["--data", str(data), "--output", str(out), "--steps", "4", *TINY]) == 0
     assert os.path.isfile(out / "diffusion_pytorch_model.safetensors")

@@ -24,7 +24,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 [ -d runs/pdm-shapes32/final ] || python -m training.train_pdm --config training/configs/shapes32_cpu.yaml \
     --resume_from_checkpoint latest
 # 5. the attribute recogniser used by `pdm evaluate` (about 10 minutes)
-[ -f runs/recogniser32/model.safetensors ] || pdm evaluate --train-recogniser --out runs/recogniser32 --size 32 \
+[ -f runs/recogniser32/model.safetensors ] || python -m training.train_recogniser --out runs/recogniser32 --size 32 \
     --num-scenes 20000 --steps 2500 --seed 0
 # 6. bundle
 rm -rf progressive_denoising/bundled/pdm-shapes

@@ -20,13 +20,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.training_utils import EMAModel
+from diffusers.utils import make_image_grid
 from transformers import AutoTokenizer, T5Config, get_cosine_schedule_with_warmup
 
 from progressive_denoising import PDMARConfig, PDMARForTextToImage, PDMConfig, PDMForTextToImage
 from progressive_denoising.configuration_pdm import TOKEN_LOSS_POSITIONS
 from progressive_denoising.text_tokenizer import LEVELS, train_caption_tokenizer
 from progressive_denoising.commands.base import run_script
-from training import utils
+from training import data, hub, loop, options
 
 TRAIN_ORDERS = ("raster", "random", "quant-error", "reverse-quant-error")
 # "pdm": staged masked filling (eq. 4); "ar": the autoregressive baseline, next-code loss in raster order (eq. 3).
@@ -104,12 +105,12 @@ def check_options(o):
     if o.order == "learned":
         raise ValueError("option 'order': 'learned' comes from training/train_policy.py after training with a "
                          "fixed order (usually quant-error)")
-    utils.check_choice("order", o.order, TRAIN_ORDERS)
-    utils.check_choice("model_type", o.model_type, tuple(MODEL_TYPES))
-    utils.check_choice("token_loss_positions", o.token_loss_positions, TOKEN_LOSS_POSITIONS)
-    utils.check_choice("tokenizer_level", o.tokenizer_level, LEVELS)
+    options.check_choice("order", o.order, TRAIN_ORDERS)
+    options.check_choice("model_type", o.model_type, tuple(MODEL_TYPES))
+    options.check_choice("token_loss_positions", o.token_loss_positions, TOKEN_LOSS_POSITIONS)
+    options.check_choice("tokenizer_level", o.tokenizer_level, LEVELS)
     for name in ("p_error", "caption_dropout", "known_region_share"):
-        utils.check_range(name, getattr(o, name), 0.0, 1.0)
+        options.check_range(name, getattr(o, name), 0.0, 1.0)
     for name in ("batch_size", "max_steps", "num_stages", "gradient_accumulation_steps", "checkpointing_steps",
                  "eval_steps", "snapshot_steps", "max_train_examples"):
         if getattr(o, name) is not None and getattr(o, name) < 1:
@@ -117,9 +118,9 @@ def check_options(o):
     if o.learning_rate <= 0:
         raise ValueError(f"option 'learning_rate' must be positive, got {o.learning_rate!r}")
     if o.ema_decay is not None:
-        utils.check_range("ema_decay", o.ema_decay, 0.0, 1.0)
+        options.check_range("ema_decay", o.ema_decay, 0.0, 1.0)
     if o.mixed_precision is not None:
-        utils.check_choice("mixed_precision", o.mixed_precision, ("no", "fp16", "bf16", "fp8"))
+        options.check_choice("mixed_precision", o.mixed_precision, ("no", "fp16", "bf16", "fp8"))
     if sum(x is not None for x in (o.model_name_or_path, o.text_encoder, o.text_config)) != 1:
         raise ValueError("set exactly one of the options 'model_name_or_path', 'text_encoder', 'text_config'")
     if o.cache_text_states and o.train_text_encoder:
@@ -142,7 +143,7 @@ def load_tokenizer(o, train, accelerator):
     if o.train_tokenizer:
         path = os.path.join(o.output_dir, "tokenizer")
         if accelerator.is_main_process:
-            tokenizer = train_caption_tokenizer(utils.all_captions(train), vocab_size=o.tokenizer_vocab_size,
+            tokenizer = train_caption_tokenizer(data.all_captions(train), vocab_size=o.tokenizer_vocab_size,
                                                 level=o.tokenizer_level)
             tokenizer.save_pretrained(path)
         accelerator.wait_for_everyone()
@@ -161,7 +162,7 @@ def data_geometry(o, info, train):
 
         codebook_size = VQModel.load_config(o.vqvae)["num_vq_embeddings"]
     if codebook_size is None:
-        raise ValueError(f"option 'codebook_size' is required: no {utils.TOKENIZATION_FILE} and no vqvae")
+        raise ValueError(f"option 'codebook_size' is required: no {data.TOKENIZATION_FILE} and no vqvae")
     grid = o.token_grid_size or info.get("grid")
     num_tokens = len(train[0]["codes"])
     if grid is None:
@@ -201,16 +202,16 @@ def build_model(o, tokenizer, codebook_size, grid):
 
 def make_loader(dataset, o, shuffle):
     return torch.utils.data.DataLoader(dataset, batch_size=o.batch_size, shuffle=shuffle, drop_last=shuffle,
-                                       collate_fn=utils.collate, num_workers=o.num_workers)
+                                       collate_fn=data.collate, num_workers=o.num_workers)
 
 
 def model_inputs(model, batch, o, text, generator, device, caption_dropout):
     config = model.config
-    captions = utils.pick_captions(batch["caption"], generator, caption_dropout)
+    captions = data.pick_captions(batch["caption"], generator, caption_dropout)
     if o.model_type == "ar":
         targets = {"image_tokens": batch["codes"], "token_labels": batch["codes"]}
     else:
-        targets = utils.stage_inputs(batch, o.order, o.num_stages, config.mask_token_id, config.codebook_size,
+        targets = data.stage_inputs(batch, o.order, o.num_stages, config.mask_token_id, config.codebook_size,
                                      o.p_error, generator, o.token_loss_positions, o.known_region_share,
                                      config.token_grid_size)
     return {**targets, **text(model, captions, device)}
@@ -226,7 +227,7 @@ def evaluate(accelerator, model, loader, o, text):
     model.eval()
     raw, losses = accelerator.unwrap_model(model), []
     for i, batch in zip(range(o.eval_batches), loader):
-        generator = utils.step_generator(o.seed + 1, accelerator.process_index, i)
+        generator = data.step_generator(o.seed + 1, accelerator.process_index, i)
         loss = model(**model_inputs(raw, batch, o, text, generator, accelerator.device, 0.0)).loss
         losses.append(accelerator.gather(loss.detach()[None]).mean().item())
     model.train()
@@ -250,13 +251,15 @@ def sample(accelerator, model, tokenizer, vqvae, captions, o, step):
     from progressive_denoising.vq import decode_codes, postprocess_images
 
     images = postprocess_images(decode_codes(vqvae, codes.to(vqvae.device), raw.config.token_grid_size))
+    columns = max(c for c in range(1, 5) if len(images) % c == 0)  # make_image_grid needs a full grid
+    grid = make_image_grid(images, rows=len(images) // columns, cols=columns)
     path = os.path.join(folder, f"step-{step}.png")
-    utils.image_grid(images).save(path)
+    grid.save(path)
     if o.log_with == "tensorboard":
         import numpy as np
 
         writer = accelerator.get_tracker("tensorboard", unwrap=True)
-        writer.add_image("samples", np.asarray(utils.image_grid(images)), step, dataformats="HWC")
+        writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
     return path
 
 
@@ -270,7 +273,7 @@ def save_final(accelerator, model, tokenizer, vqvae, ema, o, metrics, sample_pat
         raw = type(raw)(raw.config)
         raw.load_state_dict(state_dict)
     if ema is not None:
-        ema.copy_to(utils.trainable_parameters(raw))
+        ema.copy_to(loop.trainable_parameters(raw))
     raw.config.training_order, raw.config.num_stages = o.order, o.num_stages
     raw.config.token_loss_positions = o.token_loss_positions
     folder = os.path.join(o.output_dir, "final")
@@ -292,18 +295,18 @@ def save_final(accelerator, model, tokenizer, vqvae, ema, o, metrics, sample_pat
         extra = (f"\nOrder `{o.order}`, T = {o.num_stages} stages, p_error = {o.p_error}, "
                  f"token loss on {o.token_loss_positions} positions, "
                  f"caption dropout = {o.caption_dropout}.\n")
-    card = utils.model_card(title, o, metrics, o.dataset, o.max_steps, extra=extra, sample_image=image)
+    card = hub.model_card(title, o, metrics, o.dataset, o.max_steps, extra=extra, sample_image=image)
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(card)
     if o.push_to_hub:
-        utils.push_folder(folder, o.hub_model_id, f"PDM after {o.max_steps} steps")
+        hub.push_folder(folder, o.hub_model_id, f"PDM after {o.max_steps} steps")
     return folder
 
 
 def main(argv=None):
-    o = utils.parse_options(Options, argv, check=check_options)
+    o = options.parse_options(Options, argv, check=check_options)
     # Paths are checked before anything loads ("latest" and Hub ids pass: they are not local paths).
-    utils.check_paths(o, inputs=("dataset", "model_name_or_path", "text_encoder", "tokenizer", "vqvae",
+    options.check_paths(o, inputs=("dataset", "model_name_or_path", "text_encoder", "tokenizer", "vqvae",
                                  "resume_from_checkpoint"), outputs=("output_dir",))
     accelerator = Accelerator(
         gradient_accumulation_steps=o.gradient_accumulation_steps, mixed_precision=o.mixed_precision,
@@ -313,7 +316,7 @@ def main(argv=None):
     check_world(accelerator, o)
     set_seed(o.seed)
     os.makedirs(o.output_dir, exist_ok=True)
-    train, validation, info = utils.load_splits(o.dataset, o.train_split, o.validation_split, o.validation_size, o.seed)
+    train, validation, info = data.load_splits(o.dataset, o.train_split, o.validation_split, o.validation_size, o.seed)
     if o.max_train_examples is not None:
         train = train.select(range(min(o.max_train_examples, len(train))))
     tokenizer = load_tokenizer(o, train, accelerator)
@@ -324,8 +327,8 @@ def main(argv=None):
         from diffusers import VQModel
 
         vqvae = VQModel.from_pretrained(o.vqvae).to(accelerator.device).eval()
-    text = utils.TextStates(tokenizer, o.max_caption_length, cache=o.cache_text_states)
-    optimizer = torch.optim.AdamW(utils.trainable_parameters(model), lr=o.learning_rate,
+    text = data.TextStates(tokenizer, o.max_caption_length, cache=o.cache_text_states)
+    optimizer = torch.optim.AdamW(loop.trainable_parameters(model), lr=o.learning_rate,
                                   betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay)
     # The prepared scheduler steps once per process per update, hence the factor.
     scheduler = get_cosine_schedule_with_warmup(optimizer, o.warmup_steps * accelerator.num_processes,
@@ -338,7 +341,7 @@ def main(argv=None):
     if o.ema_decay is not None:  # after `prepare`: the averages live where the weights do (a GPU, say)
         # diffusers' EMA warms up (decay (1 + n) / (10 + n), at most ema_decay): a short run's average does not keep
         # a large share of the random initial weights (0.999 ** 1000 = 37% with a fixed decay).
-        ema = EMAModel(utils.trainable_parameters(accelerator.unwrap_model(model)), decay=o.ema_decay, foreach=True)
+        ema = EMAModel(loop.trainable_parameters(accelerator.unwrap_model(model)), decay=o.ema_decay, foreach=True)
         accelerator.register_for_checkpointing(ema)
     return train_loop(o, accelerator, model, optimizer, scheduler, train_loader, eval_loader, validation, tokenizer,
                       vqvae, text, ema)
@@ -346,32 +349,32 @@ def main(argv=None):
 
 def train_loop(o, accelerator, model, optimizer, scheduler, train_loader, eval_loader, validation, tokenizer, vqvae,
                text, ema):
-    resume = utils.resolve_checkpoint(o.resume_from_checkpoint, o.output_dir)
+    resume = loop.resolve_checkpoint(o.resume_from_checkpoint, o.output_dir)
     start, seconds_before = 0, 0.0
     if resume:
         accelerator.load_state(resume)
-        start, seconds_before = utils.checkpoint_progress(resume)
+        start, seconds_before = loop.checkpoint_progress(resume)
         accelerator.print(f"resumed from {resume} at step {start}")
     # Training time excludes evaluation, sampling and saving, so runs with other eval settings compare fairly.
-    clock = utils.TrainClock(seconds_before)
-    accelerator.init_trackers("pdm", config=utils.tracker_config(o))
-    log = utils.JsonlLog(os.path.join(o.output_dir, "losses.jsonl"), accelerator.is_main_process)
+    clock = loop.TrainClock(seconds_before)
+    accelerator.init_trackers("pdm", config=loop.tracker_config(o))
+    log = loop.JsonlLog(os.path.join(o.output_dir, "losses.jsonl"), accelerator.is_main_process)
     write_run_info(o, accelerator)
     accum, raw = o.gradient_accumulation_steps, accelerator.unwrap_model(model)
-    batches = utils.epoch_batches(accelerator, train_loader, start * accum)
+    batches = loop.epoch_batches(accelerator, train_loader, start * accum)
     metrics, sample_path = {}, None
     model.train()
     for step in range(start + 1, o.max_steps + 1):
         losses = []
         clock.start()
         for micro in range(accum):
-            generator = utils.step_generator(o.seed, accelerator.process_index, (step - 1) * accum + micro)
+            generator = data.step_generator(o.seed, accelerator.process_index, (step - 1) * accum + micro)
             with accelerator.accumulate(model):
                 inputs = model_inputs(raw, next(batches), o, text, generator, accelerator.device, o.caption_dropout)
                 out = model(**inputs)
                 state_loss = out.state_loss if out.state_loss is not None else torch.zeros_like(out.loss)  # AR: none
                 losses.append(accelerator.reduce(torch.stack([out.loss, out.token_loss, state_loss]).detach(), "mean"))
-                utils.check_finite(losses[-1][0].item(), step)
+                loop.check_finite(losses[-1][0].item(), step)
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients and o.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), o.max_grad_norm)
@@ -379,7 +382,7 @@ def train_loop(o, accelerator, model, optimizer, scheduler, train_loader, eval_l
                 scheduler.step()
                 optimizer.zero_grad()
         if ema is not None:
-            ema.step(utils.trainable_parameters(raw))
+            ema.step(loop.trainable_parameters(raw))
         loss, token_loss, state_loss = torch.stack(losses).mean(0).tolist()
         clock.stop()
         metrics = {"loss": loss, "token_loss": token_loss, "state_loss": state_loss, "lr": scheduler.get_last_lr()[0],
@@ -392,7 +395,7 @@ def train_loop(o, accelerator, model, optimizer, scheduler, train_loader, eval_l
         if o.snapshot_steps and step % o.snapshot_steps == 0 and accelerator.is_main_process:
             save_snapshot(raw, ema, os.path.join(o.output_dir, "snapshots", f"step-{step}"), clock.seconds)
         if step % o.checkpointing_steps == 0:
-            utils.save_checkpoint(accelerator, o.output_dir, step, o.checkpoints_total_limit, clock.seconds)
+            loop.save_checkpoint(accelerator, o.output_dir, step, o.checkpoints_total_limit, clock.seconds)
     accelerator.wait_for_everyone()
     save_final(accelerator, model, tokenizer, vqvae, ema, o, metrics, sample_path)
     accelerator.end_training()
@@ -403,7 +406,7 @@ def save_snapshot(model, ema, folder, train_seconds):
     """The model as it would be saved now (EMA weights when kept), without optimizer state: one learning-curve point."""
     if ema is not None:
         model = copy.deepcopy(model)
-        ema.copy_to(utils.trainable_parameters(model))
+        ema.copy_to(loop.trainable_parameters(model))
     model.save_pretrained(folder)
     with open(os.path.join(folder, "train_seconds.json"), "w") as f:
         json.dump({"train_seconds": train_seconds}, f)
@@ -414,7 +417,7 @@ def evaluate_and_sample(o, accelerator, model, eval_loader, validation, tokenize
     if eval_loader is not None:
         results["eval_loss"] = evaluate(accelerator, model, eval_loader, o, text)
         accelerator.log({"eval_loss": results["eval_loss"]}, step=step)
-        utils.JsonlLog(os.path.join(o.output_dir, "eval.jsonl"), accelerator.is_main_process).write(step=step, **results)
+        loop.JsonlLog(os.path.join(o.output_dir, "eval.jsonl"), accelerator.is_main_process).write(step=step, **results)
     # Sampling runs on the unwrapped model of the main process: not possible on FSDP-sharded weights.
     if o.num_samples and accelerator.is_main_process and accelerator.distributed_type.value != "FSDP":
         source = validation if validation is not None else None

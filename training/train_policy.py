@@ -10,7 +10,7 @@ fill (Gumbel-top-k by p(generate)) and which generated codes to replace (each wi
 so sampling changes reach the policy too. The VQ decoder turns the codes into images and a reward scores them:
 
 - `alignment` (the paper's "CLIP similarity" in spirit, for PDM-Shapes): the PDM-Shapes recogniser reads the image
-  and the reward is 1 when the whole prompt holds, plus the partial credit of `evaluation.attribute_scores` (the mean of
+  and the reward is 1 when the whole prompt holds, plus the partial credit of `metrics.attribute_scores` (the mean of
   count / colour / shape / size / layout) so that a nearly right image earns more than a wrong one;
 - `l2` (default: any data set): minus the pixel L2 to the data set's image (the VQ decoding of its codes);
 - `package.module:function`: any `reward_fn(images, batch) -> (batch,)`.
@@ -30,10 +30,12 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from transformers import AutoTokenizer
 
-from progressive_denoising import PDMForTextToImage, evaluation, shapes
+from progressive_denoising import PDMForTextToImage
+from progressive_denoising.pdm_shapes import data as shapes_data, metrics
+from progressive_denoising.pdm_shapes.recogniser import ShapesRecogniser, recognise
 from progressive_denoising.vq import decode_codes, postprocess_images
 from progressive_denoising.commands.base import run_script
-from training import utils
+from training import data, hub, loop, options
 
 
 @dataclasses.dataclass
@@ -70,14 +72,14 @@ def check_options(o):
     for name in ("model_name_or_path", "dataset"):
         if getattr(o, name) is None:
             raise ValueError(f"option {name!r} is required")
-    utils.check_choice("baseline", o.baseline, ("moving-average", "batch-mean", "per-prompt"))
+    options.check_choice("baseline", o.baseline, ("moving-average", "batch-mean", "per-prompt"))
     if o.baseline == "per-prompt" and o.rollouts_per_prompt < 2:
         raise ValueError("option 'baseline' per-prompt needs option 'rollouts_per_prompt' of 2 or more")
     if not o.policy_temperature > 0:
         raise ValueError(f"option 'policy_temperature' must be positive, got {o.policy_temperature!r}")
     if o.reward == "alignment" and o.recogniser is None:
         raise ValueError("option 'reward' alignment needs option 'recogniser': a PDM-Shapes recogniser folder")
-    utils.check_range("baseline_momentum", o.baseline_momentum, 0.0, 1.0)
+    options.check_range("baseline_momentum", o.baseline_momentum, 0.0, 1.0)
     if o.temperature <= 0:
         raise ValueError(f"option 'temperature' must be positive, got {o.temperature!r}")
     for name in ("batch_size", "max_steps", "rollouts_per_prompt"):
@@ -106,20 +108,20 @@ def l2_reward(images, batch):
 
 class AlignmentReward:
     """Per image: 1 when the recogniser finds the whole prompt, plus the mean of its partial credit (count, colour,
-    shape, size, layout; `evaluation.attribute_scores`). In [0, 2]."""
+    shape, size, layout; `metrics.attribute_scores`). In [0, 2]."""
 
     def __init__(self, path, device):
-        self.recogniser = evaluation.ShapesRecogniser.from_pretrained(path, device=device)
+        self.recogniser = ShapesRecogniser.from_pretrained(path, device=device)
 
     def __call__(self, images, batch):
         pixels = (postprocess_images(images, "pt") * 255).round().to(torch.uint8)
-        found = evaluation.recognise(self.recogniser, pixels)
+        found = recognise(self.recogniser, pixels)
         size = pixels.shape[-1]
         rewards = []
         for scene, caption in zip(found, batch["prompts"]):
-            prompt = shapes.parse_caption(caption)
-            partial = evaluation.attribute_scores(scene, prompt, size)
-            rewards.append(float(evaluation.scene_matches(scene, prompt, size)) + sum(partial.values()) / len(partial))
+            prompt = shapes_data.parse_caption(caption)
+            partial = metrics.attribute_scores(scene, prompt, size)
+            rewards.append(float(metrics.scene_matches(scene, prompt, size)) + sum(partial.values()) / len(partial))
         return torch.tensor(rewards, device=images.device)
 
 
@@ -170,7 +172,7 @@ def trainable_parameters(model, train_decoder):
 def policy_step(o, accelerator, model, vqvae, tokenizer, batch, generator, reward_fn, baseline):
     """One REINFORCE update; returns (loss, mean reward)."""
     k = o.rollouts_per_prompt
-    batch["prompts"] = [prompt for prompt in utils.pick_captions(batch["caption"], generator) for _ in range(k)]
+    batch["prompts"] = [prompt for prompt in data.pick_captions(batch["caption"], generator) for _ in range(k)]
     tokens = tokenizer(batch["prompts"], padding=True, truncation=True, max_length=o.max_caption_length,
                        return_tensors="pt").to(accelerator.device)
     grid = model.config.token_grid_size
@@ -188,9 +190,9 @@ def policy_step(o, accelerator, model, vqvae, tokenizer, batch, generator, rewar
 
 
 def main(argv=None, reward_fn=None):
-    o = utils.parse_options(Options, argv, check=check_options)
+    o = options.parse_options(Options, argv, check=check_options)
     # Paths are checked before anything loads (Hub ids pass: they are not local paths).
-    utils.check_paths(o, inputs=("model_name_or_path", "tokenizer", "vqvae", "dataset", "recogniser"),
+    options.check_paths(o, inputs=("model_name_or_path", "tokenizer", "vqvae", "dataset", "recogniser"),
                       outputs=("output_dir",))
     accelerator = Accelerator(mixed_precision=o.mixed_precision, log_with=o.log_with, project_dir=o.output_dir,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=o.seed))
@@ -199,23 +201,25 @@ def main(argv=None, reward_fn=None):
     tokenizer, model, vqvae = load_components(o)
     o.num_stages = o.num_stages or model.config.num_stages
     reward_fn = reward_fn or load_reward(o, accelerator.device)
-    train, _, _ = utils.load_splits(o.dataset, o.train_split, None)
+    train, _, _ = data.load_splits(o.dataset, o.train_split, None)
     loader = torch.utils.data.DataLoader(train, batch_size=o.batch_size, shuffle=True, drop_last=True,
-                                         collate_fn=utils.collate)
-    model.to(accelerator.device).train()
+                                         collate_fn=data.collate)
+    # Rollouts are the trajectories `generate` draws: no dropout (a T5 trained with the decoder would keep its
+    # dropout in train mode); the state head still gets gradients.
+    model.to(accelerator.device).eval()
     vqvae.to(accelerator.device)
     parameters = trainable_parameters(model, o.train_decoder)
     optimizer = torch.optim.AdamW(parameters, lr=o.learning_rate, betas=(0.9, 0.96), weight_decay=o.weight_decay)
     loader = accelerator.prepare(loader)  # the model stays unwrapped: gradients are averaged by hand below
-    baseline, log = Baseline(o.baseline, o.baseline_momentum, o.rollouts_per_prompt), utils.JsonlLog(
+    baseline, log = Baseline(o.baseline, o.baseline_momentum, o.rollouts_per_prompt), loop.JsonlLog(
         os.path.join(o.output_dir, "rewards.jsonl"), accelerator.is_main_process)
-    accelerator.init_trackers("pdm-policy", config=utils.tracker_config(o))
-    batches = utils.epoch_batches(accelerator, loader, 0)
+    accelerator.init_trackers("pdm-policy", config=loop.tracker_config(o))
+    batches = loop.epoch_batches(accelerator, loader, 0)
     for step in range(1, o.max_steps + 1):
-        generator = utils.step_generator(o.seed, accelerator.process_index, step)
+        generator = data.step_generator(o.seed, accelerator.process_index, step)
         loss, reward = policy_step(o, accelerator, model, vqvae, tokenizer, next(batches), generator, reward_fn,
                                    baseline)
-        utils.check_finite(loss.item(), step)
+        loop.check_finite(loss.item(), step)
         loss.backward()
         for p in parameters:
             if p.grad is not None and accelerator.num_processes > 1:
@@ -240,13 +244,13 @@ def save(o, model, tokenizer, vqvae, reward):
     model.requires_grad_(True)
     folder = os.path.join(o.output_dir, "final")
     PDMPipeline(tokenizer=tokenizer, model=model, vqvae=vqvae).save_pretrained(folder)
-    card = utils.model_card("PDM with a learned order (dynamic importance scoring)", o, {"final_reward": reward},
-                            o.dataset, o.max_steps, extra="\nState head trained by policy gradient (eq. 6-7); "
-                            "`generate()` uses it by default (`order=\"learned\"`).\n")
+    card = hub.model_card("PDM with a learned order (dynamic importance scoring)", o, {"final_reward": reward},
+                          o.dataset, o.max_steps, extra="\nState head trained by policy gradient (eq. 6-7); "
+                          "`generate()` uses it by default (`order=\"learned\"`).\n")
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(card)
     if o.push_to_hub:
-        utils.push_folder(folder, o.hub_model_id, f"PDM policy after {o.max_steps} steps")
+        hub.push_folder(folder, o.hub_model_id, f"PDM policy after {o.max_steps} steps")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 
 from progressive_denoising.commands.base import ArgumentParser, UsageError, run_script
 from progressive_denoising.commands.files import check_local_or_hub, check_output_folder
@@ -74,7 +75,7 @@ def parse_args(argv=None):
                         "code depends only on its neighbourhood, not on the whole image")
     parser.add_argument("--log_every", type=int, default=100)
     parser.add_argument("--max_eval_images", type=int, default=2000)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: Accelerate places the model on the GPU")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:  # paths before any work: a missing data folder, an output that would be replaced
@@ -308,6 +309,12 @@ def evaluate(model, images, device, batch_size=64):
 
 def train(args):
     """Train, evaluate and save; returns the validation metrics dict."""
+    accelerator = Accelerator(cpu=args.device == "cpu")
+    if accelerator.num_processes > 1:
+        raise ValueError("train_vqvae.py trains on one process: its losses call the VQModel's parts directly, which "
+                         "DistributedDataParallel would not keep in sync; run it without `accelerate launch` "
+                         "--num_processes")
+    args.device = accelerator.device
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     train_images, validation_images = load_images(args.data, args.image_column, args.train_split,
@@ -316,6 +323,7 @@ def train(args):
     model = build_model(args).to(args.device).train()
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=args.steps, eta_min=args.lr / 10)
+    model, optimiser, schedule = accelerator.prepare(model, optimiser, schedule)
     guard = DeadCodeGuard(args.num_codes, args.dead_after, reset_to=args.reset_to)
     init_codebook(model, sample_batch(train_images, 4 * args.batch_size, generator, args.device), generator,
                   args.codebook_init)
@@ -329,7 +337,7 @@ def train(args):
         losses, latents, indices = training_losses(model, batch, args.beta, args.foreground_weight)
         loss = sum(losses.values())
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()
+        accelerator.backward(loss)
         optimiser.step()
         schedule.step()
         if tie is not None:  # tied codes share one vector, so ties keep going to the lowest index
@@ -348,7 +356,7 @@ def train(args):
                     "distinct_codes": None if tie is None else len(tie.unique())})
     print(f"validation: PSNR {metrics['psnr']:.2f} dB, codebook usage {metrics['codebook_usage']:.3f} "
           f"({metrics['codes_used']}/{metrics['num_codes']} codes), token grid {metrics['token_grid']}")
-    model.save_pretrained(args.output, safe_serialization=True)
+    accelerator.unwrap_model(model).save_pretrained(args.output, safe_serialization=True)
     with open(os.path.join(args.output, "training_metrics.json"), "w", encoding="utf-8") as handle:
         json.dump(metrics, handle, indent=2)
     return metrics

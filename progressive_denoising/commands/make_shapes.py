@@ -26,7 +26,7 @@ def build_parser(prog):
 def run(args):
     check_seed("--seed", args.seed)
     check_output_folder("--out", args.out, args.overwrite)
-    from progressive_denoising.shapes import make_shapes_dataset
+    from progressive_denoising.pdm_shapes.data import make_shapes_dataset
 
     with usage_errors(FLAGS):  # its argument checks run before it renders anything
         dataset = make_shapes_dataset(args.num_train, args.seed, size=args.size, num_validation=args.num_validation,

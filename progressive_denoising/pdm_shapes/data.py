@@ -7,7 +7,7 @@ Every image is a black square with one or two flat-coloured objects; every capti
 
 Coordinates are in pixels with the origin at the top-left corner and y pointing down. A box is
 ``[x0, y0, x1, y1]`` with integer corners, ``x0 <= x < x1``; the centre of an object is the centre of its box,
-``[(x0 + x1) / 2, (y0 + y1) / 2]``. Rules (shared with the evaluation in ``evaluation.py``):
+``[(x0 + x1) / 2, (y0 + y1) / 2]``. Rules (shared with the evaluation in ``metrics.py``):
 
 - region: the object's centre lies inside that cell of a 3x3 grid over the image (``region_of``);
 - relation "left of" / "right of" / "above" / "below": the first object's centre is at least a quarter of the
@@ -398,10 +398,3 @@ def make_shapes_dataset(num_train, seed, size=64, num_validation=None, num_test=
         split: datasets.Dataset.from_dict(_split_records(split, count, int(seed), size), features=features)
         for split, count in counts.items()
     })
-
-
-def main(argv=None, prog=None):
-    """`pdm make-shapes`; the command line lives in `progressive_denoising.commands.make_shapes`."""
-    from .commands.make_shapes import main as command_main
-
-    return command_main(argv, prog=prog or "pdm make-shapes")
