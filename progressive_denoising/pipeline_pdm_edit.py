@@ -221,8 +221,8 @@ class PDMInpaintPipeline(PDMEditPipeline):
             [`PDMEditPipelineOutput`] (`images`, `stages`, `edit_mask`, `changed`), or a tuple
             `(images, edit_mask, changed)` when `return_dict=False`.
         """
-        prompts = self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale,
-                                    num_images_per_prompt, output_type, generator, callback_on_step_end_tensor_inputs)
+        prompts = self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, output_type,
+                                    callback_on_step_end_tensor_inputs)
         codes = self.encode_image(image, len(prompts))
         edit_mask = self.mask_to_codes(mask_image, len(prompts))
         input_ids, attention_mask = self.encode_prompt(prompts)
@@ -282,8 +282,8 @@ class PDMImg2ImgPipeline(PDMEditPipeline):
         """
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
             raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
-        prompts = self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale,
-                                    num_images_per_prompt, output_type, generator, callback_on_step_end_tensor_inputs)
+        prompts = self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, output_type,
+                                    callback_on_step_end_tensor_inputs)
         codes = self.encode_image(image, len(prompts))
         input_ids, attention_mask = self.encode_prompt(prompts)
         num_open = round(strength * codes.shape[1])
@@ -359,8 +359,8 @@ class PDMRevisePipeline(PDMEditPipeline):
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                       or not np.isfinite(threshold)):
             raise ValueError(f"threshold must be None or a finite number, got {threshold!r}")
-        prompts = self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale,
-                                    num_images_per_prompt, output_type, generator, callback_on_step_end_tensor_inputs)
+        prompts = self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, output_type,
+                                    callback_on_step_end_tensor_inputs)
         codes = self.encode_image(image, len(prompts))
         region = torch.ones_like(codes, dtype=torch.bool)
         if mask_image is not None:

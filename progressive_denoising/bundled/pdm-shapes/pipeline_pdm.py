@@ -213,8 +213,10 @@ class PDMPipeline(DiffusionPipeline):
         """The number of stages of the current or last call."""
         return self._num_timesteps
 
-    def check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
-                     output_type, generator, callback_on_step_end_tensor_inputs):
+    def check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale, output_type,
+                     callback_on_step_end_tensor_inputs):
+        """The pipeline's own arguments, before any work. The model's sampling arguments (guidance_scale, temperature,
+        top_k, top_p, order, num_images_per_prompt, the number of generators) are checked once, by `generate`."""
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
@@ -232,14 +234,8 @@ class PDMPipeline(DiffusionPipeline):
         if num_inference_steps is not None and (not isinstance(num_inference_steps, int)
                                                 or not 1 <= num_inference_steps <= num_tokens):
             raise ValueError(f"num_inference_steps must be an integer between 1 and {num_tokens}, got {num_inference_steps!r}")
-        # guidance_scale, temperature, top_k, top_p and order are the model's arguments: `generate` checks them.
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        num_images = len(prompts) * num_images_per_prompt
-        if isinstance(generator, (list, tuple)) and len(generator) != num_images:
-            raise ValueError(f"generator is a list of {len(generator)} but {num_images} images are asked for")
         tensor_inputs = callback_on_step_end_tensor_inputs or []
         unknown = [name for name in tensor_inputs if name not in self._callback_tensor_inputs]
         if unknown:
@@ -407,8 +403,8 @@ class PDMPipeline(DiffusionPipeline):
                 stacklevel=2,
             )
         num_inference_steps = self.model.config.num_stages if num_inference_steps is None else num_inference_steps
-        prompts = self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale,
-                                    num_images_per_prompt, output_type, generator, callback_on_step_end_tensor_inputs)
+        prompts = self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, output_type,
+                                    callback_on_step_end_tensor_inputs)
         self._guidance_scale = guidance_scale
         self._num_timesteps = num_inference_steps
 
