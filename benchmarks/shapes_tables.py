@@ -24,7 +24,7 @@
         --arm "as configured:" --arm "paper's token loss:token_loss_positions=stage" ...
 
 Every row reports prompt alignment (all prompts and the held-out (colour, shape) pairs), the attribute-level partial
-credit of `evaluation.attribute_accuracy` (share of objects with the right colour / shape / size, share of images
+credit of `metrics.attribute_accuracy` (share of objects with the right colour / shape / size, share of images
 whose region or relation holds), FID with the recogniser's features against the real test images, and seconds per
 image of `generate` (VQ decoding excluded) on this device.
 """
@@ -43,7 +43,8 @@ import torch
 import yaml
 
 from progressive_denoising import PDMARForTextToImage, PDMPipeline
-from progressive_denoising import evaluation, shapes
+from progressive_denoising.pdm_shapes import data as shapes_data, metrics
+from progressive_denoising.pdm_shapes.recogniser import ShapesRecogniser
 from progressive_denoising.vq import (
     decode_codes, encode_to_codes, postprocess_images, preprocess_images, vq_grid,
 )
@@ -99,19 +100,20 @@ def new_scenes(captions, size, seed=0):
 
     Its alignment is the recogniser's, its FID is what drawing other placements than the test images' costs."""
     rng = np.random.default_rng(seed)
-    return [shapes.render_scene(shapes.sample_scene_for_caption(rng, caption, size), size) for caption in captions]
+    return [shapes_data.render_scene(shapes_data.sample_scene_for_caption(rng, caption, size), size)
+            for caption in captions]
 
 
 def reference_rows(recogniser, real_images, captions):
     """The ground truth and new scenes for the same captions, as rows of every table."""
     size = real_images[0].width
-    return {"ground truth": evaluation.evaluate_images(recogniser, real_images, captions, real_images),
-            "new scenes for the captions": evaluation.evaluate_images(
+    return {"ground truth": metrics.evaluate_images(recogniser, real_images, captions, real_images),
+            "new scenes for the captions": metrics.evaluate_images(
                 recogniser, new_scenes(captions, size), captions, real_images)}
 
 
 def load_test(data, num_prompts, split="test"):
-    real = evaluation.load_split(data, split)
+    real = metrics.load_split(data, split)
     real = real.select(range(min(num_prompts, len(real))))
     return [image.convert("RGB") for image in real["image"]], list(real["caption"])
 
@@ -125,7 +127,7 @@ def parse_spec(spec):
 def load_pipeline_and_prompts(args, split="test"):
     """The --model pipeline, the recogniser, the real images and captions of `split`, and the reference rows."""
     pipe = PDMPipeline.from_pretrained(args.model).to(args.device)
-    recogniser = evaluation.ShapesRecogniser.from_pretrained(args.recogniser, device=args.device)
+    recogniser = ShapesRecogniser.from_pretrained(args.recogniser, device=args.device)
     real_images, captions = load_test(args.data, args.num_prompts, split)
     return pipe, recogniser, real_images, captions, reference_rows(recogniser, real_images, captions)
 
@@ -133,14 +135,14 @@ def load_pipeline_and_prompts(args, split="test"):
 def stages_table(args):
     """Table 4: alignment, FID and speed of one pipeline at several stage counts."""
     pipe, recogniser, real_images, captions, rows = load_pipeline_and_prompts(args)
-    rows["VQ reconstruction"] = evaluation.evaluate_images(
+    rows["VQ reconstruction"] = metrics.evaluate_images(
         recogniser, vq_round_trip(pipe.vqvae, real_images, args.batch_size)[1], captions, real_images)
     num_tokens = pipe.model.config.num_image_tokens
     stage_counts = sorted({int(s) for s in args.stages.split(",")} | {num_tokens})
     for num_stages in stage_counts:
         images, seconds = generate_images(pipe, captions, args.seed, args.batch_size, args.guidance_scale,
                                           num_stages=num_stages)
-        rows[f"PDM T={num_stages}"] = dict(evaluation.evaluate_images(recogniser, images, captions, real_images),
+        rows[f"PDM T={num_stages}"] = dict(metrics.evaluate_images(recogniser, images, captions, real_images),
                                            seconds_per_image=seconds / len(captions), stages=num_stages)
     one_per_stage = rows[f"PDM T={num_tokens}"]["seconds_per_image"]
     for row in rows.values():
@@ -159,7 +161,7 @@ def sampling_table(args):
         replaced = []
         images, seconds = generate_images(pipe, captions, args.seed, args.batch_size, guidance_scale, replaced,
                                           **kwargs)
-        rows[name] = dict(evaluation.evaluate_images(recogniser, images, captions, real_images),
+        rows[name] = dict(metrics.evaluate_images(recogniser, images, captions, real_images),
                           seconds_per_image=seconds / len(captions), stages=kwargs["num_stages"],
                           replaced_per_image=sum(replaced) / len(replaced))
         if args.by_objects:
@@ -170,11 +172,11 @@ def sampling_table(args):
 def rows_by_object_count(name, recogniser, images, captions, real_images):
     """The images of one row scored again, split by the number of objects their prompt asks for (FID against all the
     real images)."""
-    counts = [len(shapes.parse_caption(caption)["objects"]) for caption in captions]
+    counts = [len(shapes_data.parse_caption(caption)["objects"]) for caption in captions]
     rows = {}
     for count, label in ((1, "one object"), (2, "two objects")):
         picked = [i for i, c in enumerate(counts) if c == count]
-        rows[f"{name}, {label}"] = evaluation.evaluate_images(
+        rows[f"{name}, {label}"] = metrics.evaluate_images(
             recogniser, [images[i] for i in picked], [captions[i] for i in picked], real_images)
     return rows
 
@@ -241,14 +243,16 @@ def recipe_arms(args):
             for name, items in map(parse_spec, args.arm)]
 
 
-def score_arm(args, folder, order, recogniser, real_images, captions):
-    """One arm's row, cached in its folder (`scores.json`, keyed by the sampling settings) so that a table can be
-    rebuilt, or grown by an arm, without sampling the others again."""
-    cache_path = os.path.join(os.path.dirname(os.path.normpath(folder)), "scores.json")
+def score_arm(args, name, seed, train, order, recogniser, real_images, captions):
+    """One arm's row for one training seed, cached in its run folder (`scores.json`, keyed by the sampling settings)
+    so that a table can be rebuilt, or grown by an arm, without training or sampling the others again (a scored arm
+    needs no weights on disk)."""
+    cache_path = os.path.join(arm_folder(args, name, seed), "scores.json")
     key = f"prompts={len(captions)},seed={args.seed},guidance={args.guidance_scale},order={order}"
     cache = json.load(open(cache_path)) if os.path.exists(cache_path) else {}
     if key in cache:
         return cache[key]
+    folder = train(seed)
     pipe = load_arm(folder, args.config).to(args.device)
     if isinstance(pipe.model, PDMARForTextToImage):
         steps, stage_kwargs = pipe.model.config.num_image_tokens, {}
@@ -256,7 +260,7 @@ def score_arm(args, folder, order, recogniser, real_images, captions):
         steps = pipe.model.config.num_stages
         stage_kwargs = dict(num_stages=steps, order=order or pipe.model.config.training_order)
     images, seconds = generate_images(pipe, captions, args.seed, args.batch_size, args.guidance_scale, **stage_kwargs)
-    cache[key] = dict(evaluation.evaluate_images(recogniser, images, captions, real_images),
+    cache[key] = dict(metrics.evaluate_images(recogniser, images, captions, real_images),
                       seconds_per_image=seconds / len(captions), stages=steps, train_minutes=train_minutes(folder))
     with open(cache_path, "w") as f:
         json.dump(cache, f, indent=2)
@@ -279,14 +283,14 @@ def mean_row(seed_rows):
 
 
 def arms_table(args, arms):
-    recogniser = evaluation.ShapesRecogniser.from_pretrained(args.recogniser, device=args.device)
+    recogniser = ShapesRecogniser.from_pretrained(args.recogniser, device=args.device)
     real_images, captions = load_test(args.data, args.num_prompts)
     rows = reference_rows(recogniser, real_images, captions)
     seeds = [int(seed) for seed in args.train_seeds.split(",")]
     for name, train, order in arms:
         if args.arms and not any(wanted in name for wanted in args.arms.split(",")):
             continue
-        seed_rows = [score_arm(args, train(seed), order, recogniser, real_images, captions) for seed in seeds]
+        seed_rows = [score_arm(args, name, seed, train, order, recogniser, real_images, captions) for seed in seeds]
         rows[name] = mean_row(seed_rows) if len(seeds) > 1 else seed_rows[0]
     return rows
 
