@@ -212,8 +212,8 @@ def model_inputs(model, batch, o, text, generator, device, caption_dropout):
         targets = {"image_tokens": batch["codes"], "token_labels": batch["codes"]}
     else:
         targets = data.stage_inputs(batch, o.order, o.num_stages, config.mask_token_id, config.codebook_size,
-                                     o.p_error, generator, o.token_loss_positions, o.known_region_share,
-                                     config.token_grid_size)
+                                    o.p_error, generator, o.token_loss_positions, o.known_region_share,
+                                    config.token_grid_size)
     return {**targets, **text(model, captions, device)}
 
 
@@ -307,7 +307,7 @@ def main(argv=None):
     o = options.parse_options(Options, argv, check=check_options)
     # Paths are checked before anything loads ("latest" and Hub ids pass: they are not local paths).
     options.check_paths(o, inputs=("dataset", "model_name_or_path", "text_encoder", "tokenizer", "vqvae",
-                                 "resume_from_checkpoint"), outputs=("output_dir",))
+                                   "resume_from_checkpoint"), outputs=("output_dir",))
     accelerator = Accelerator(
         gradient_accumulation_steps=o.gradient_accumulation_steps, mixed_precision=o.mixed_precision,
         log_with=o.log_with, project_config=ProjectConfiguration(project_dir=o.output_dir, logging_dir=os.path.join(o.output_dir, "logs")),

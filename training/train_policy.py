@@ -193,7 +193,7 @@ def main(argv=None, reward_fn=None):
     o = options.parse_options(Options, argv, check=check_options)
     # Paths are checked before anything loads (Hub ids pass: they are not local paths).
     options.check_paths(o, inputs=("model_name_or_path", "tokenizer", "vqvae", "dataset", "recogniser"),
-                      outputs=("output_dir",))
+                        outputs=("output_dir",))
     accelerator = Accelerator(mixed_precision=o.mixed_precision, log_with=o.log_with, project_dir=o.output_dir,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=o.seed))
     set_seed(o.seed)

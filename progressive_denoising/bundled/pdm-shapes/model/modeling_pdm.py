@@ -560,9 +560,11 @@ class PDMForTextToImage(PDMPreTrainedModel):
         check_generate_arguments(self.config, num_stages, order, temperature, top_k, top_p, guidance_scale,
                                  num_images_per_prompt, max_replacements)
         output = self._run_stages(
-            input_ids, attention_mask, num_stages, order, temperature, top_k, top_p, guidance_scale,
-            negative_input_ids, negative_attention_mask, num_images_per_prompt, generator, max_replacements,
-            callback_on_stage_end, init_codes, keep_mask, return_stages=return_stages, policy_temperature=None,
+            input_ids, attention_mask, num_stages, order, temperature=temperature, top_k=top_k, top_p=top_p,
+            guidance_scale=guidance_scale, negative_input_ids=negative_input_ids,
+            negative_attention_mask=negative_attention_mask, num_images_per_prompt=num_images_per_prompt,
+            generator=generator, max_replacements=max_replacements, callback_on_stage_end=callback_on_stage_end,
+            init_codes=init_codes, keep_mask=keep_mask, return_stages=return_stages,
         )
         return output if return_stages else output.codes
 
@@ -597,14 +599,13 @@ class PDMForTextToImage(PDMPreTrainedModel):
         check_generate_arguments(self.config, num_stages, "learned", temperature)
         if policy_temperature is not None and not (_is_finite_number(policy_temperature) and policy_temperature > 0):
             raise ValueError(f"policy_temperature must be None or a finite number > 0, got {policy_temperature!r}")
-        return self._run_stages(input_ids, attention_mask, num_stages, "learned", temperature, None, None, 1.0, None,
-                                None, 1, generator, None, None, None, None, return_stages=False,
-                                policy_temperature=policy_temperature)
+        return self._run_stages(input_ids, attention_mask, num_stages, "learned", temperature=temperature,
+                                generator=generator, policy_temperature=policy_temperature)
 
-    def _run_stages(self, input_ids, attention_mask, num_stages, order, temperature, top_k, top_p, guidance_scale,
-                    negative_input_ids, negative_attention_mask, num_images_per_prompt, generator, max_replacements,
-                    callback_on_stage_end, init_codes, keep_mask, return_stages, policy_temperature
-                    ) -> "PDMGenerateOutput":
+    def _run_stages(self, input_ids, attention_mask, num_stages, order, temperature=1.0, top_k=None, top_p=None,
+                    guidance_scale=1.0, negative_input_ids=None, negative_attention_mask=None, num_images_per_prompt=1,
+                    generator=None, max_replacements=None, callback_on_stage_end=None, init_codes=None,
+                    keep_mask=None, return_stages=False, policy_temperature=None) -> "PDMGenerateOutput":
         """The stage loop of `generate` and `rollout` (arguments checked by them)."""
         device, num_tokens = self.device, self.config.num_image_tokens
         batch_size, text_key_values, text_mask = self._prepare_text(
