@@ -10,6 +10,8 @@ import re
 import shutil
 import time
 
+import torch
+
 
 def trainable_parameters(model):
     """The parameters an optimizer (and the EMA) follows, in a fixed order: EMA copies are matched by position."""
@@ -109,3 +111,13 @@ class JsonlLog:
 def tracker_config(options):
     """Options as tensorboard hparams accept them (numbers, strings, booleans)."""
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in dataclasses.asdict(options).items()}
+
+
+def finish(accelerator):
+    """End a run on every process together: wait until the main process has saved, close the trackers, then take the
+    process group down. A process that left while another still held the group could leave that one hanging in
+    gloo's teardown."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -398,7 +398,7 @@ def train_loop(o, accelerator, model, optimizer, scheduler, train_loader, eval_l
             loop.save_checkpoint(accelerator, o.output_dir, step, o.checkpoints_total_limit, clock.seconds)
     accelerator.wait_for_everyone()
     save_final(accelerator, model, tokenizer, vqvae, ema, o, metrics, sample_path)
-    accelerator.end_training()
+    loop.finish(accelerator)
     return metrics
 
 

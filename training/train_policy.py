@@ -232,7 +232,7 @@ def main(argv=None, reward_fn=None):
         accelerator.log({"policy_loss": loss.item(), "reward": reward}, step=step)
     if accelerator.is_main_process:
         save(o, model, tokenizer, vqvae, reward)
-    accelerator.end_training()
+    loop.finish(accelerator)
     return reward
 
 
