@@ -28,9 +28,9 @@ from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.utils import BaseOutput
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .configuration_pdm import STATE_KEEP, STATE_REPLACE
 from .ordering import scores_to_ranks
 from .pipeline_pdm import PDMPipeline
+from .sampling import replace_margin
 from .vq import encode_to_codes
 
 
@@ -135,8 +135,7 @@ class PDMEditPipeline(PDMPipeline):
         """(batch, L): log p(replace) - log p(keep) of the state head for every code of `codes` under the prompts;
         > 0 where the model would replace the code (section 3.3)."""
         state_logits = self.model(input_ids=input_ids, attention_mask=attention_mask, image_tokens=codes).state_logits
-        log_probs = state_logits.float().log_softmax(-1)
-        return log_probs[..., STATE_REPLACE] - log_probs[..., STATE_KEEP]
+        return replace_margin(state_logits)
 
     def edit(
         self,
@@ -297,6 +296,7 @@ class PDMImg2ImgPipeline(PDMEditPipeline):
             guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p, order=order,
             max_replacements=max_replacements, generator=generator, num_images_per_prompt=num_images_per_prompt,
         )
+
 
 class PDMRevisePipeline(PDMEditPipeline):
     r"""Revise an image to follow a new prompt, rewriting only what the model itself finds wrong.

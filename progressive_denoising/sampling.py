@@ -177,7 +177,7 @@ def choose_stage_positions(
             codes', from the same generators.
     """
     # Ranked by p(generate) (section 3.1): the raw logit would ignore how strongly keep or replace compete.
-    log_p_generate = state_logits.float().log_softmax(-1)[..., STATE_GENERATE]
+    log_p_generate = None if fixed_generate is not None else state_logits.float().log_softmax(-1)[..., STATE_GENERATE]
     if policy_temperature is None:
         generate = fixed_generate if fixed_generate is not None else select_top(log_p_generate, masked, num_generate)
         return generate, choose_replacements(state_logits, replaceable, num_replace), None
