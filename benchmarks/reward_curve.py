@@ -14,8 +14,13 @@ import numpy as np
 
 
 def read_rewards(run):
-    with open(os.path.join(run, "rewards.jsonl")) as f:
-        return np.array([json.loads(line)["reward"] for line in f])
+    """The rewards of `run`: a folder, or "FOLDER,FOLDER,..." for a policy continued from one folder's final weights
+    in the next (their rewards one after the other)."""
+    rewards = []
+    for folder in run.split(","):
+        with open(os.path.join(folder, "rewards.jsonl")) as f:
+            rewards += [json.loads(line)["reward"] for line in f]
+    return np.array(rewards)
 
 
 def slope(rewards):
@@ -53,7 +58,8 @@ def plot(curves, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", action="append", required=True, help="train_policy.py output folder (repeatable)")
+    parser.add_argument("--run", action="append", required=True, help="train_policy.py output folder, or folders "
+                        "joined by commas for a run continued from the previous one's weights (repeatable)")
     parser.add_argument("--label", action="append", default=None, help="one per --run (default: the folder)")
     parser.add_argument("--block", type=int, default=25)
     parser.add_argument("--out", help="JSON file for the curves")

@@ -167,21 +167,28 @@ def test_alignment_reward_prefers_the_prompt_the_image_shows():
     assert right.mean() > 1.8 and wrong.mean() < right.mean() - 0.5, (right, wrong)
 
 
-def test_policy_training_changes_the_state_head_only(tmp_path):
-    model_dir = str(tmp_path / "pipeline")
+def run_train_policy(tmp_path, *options):
+    """train_policy.py on a tiny saved pipeline and data set; returns (pipeline folder, output folder)."""
     from progressive_denoising.pipeline_pdm import PDMPipeline
 
+    model_dir, out = str(tmp_path / "pipeline"), str(tmp_path / "policy")
     PDMPipeline(tokenizer=tiny_tokenizer(), model=tiny_model(), vqvae=tiny_vqmodel()).save_pretrained(model_dir)
     data = make_dataset(str(tmp_path / "data"), num_train=16, num_validation=4)
-    out = str(tmp_path / "policy")
     result = subprocess.run(
-        [sys.executable, "-m", "training.train_policy", "--model_name_or_path", model_dir,
-         "--dataset", data, "--output_dir", out, "--max_steps", "3", "--batch_size", "4", "--learning_rate", "1e-2",
-         "--reward", "l2", "--rollouts_per_prompt", "2", "--baseline", "per-prompt"],
+        [sys.executable, "-m", "training.train_policy", "--model_name_or_path", model_dir, "--dataset", data,
+         "--output_dir", out, *options],
         env=dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return model_dir, out
+
+
+def test_policy_training_changes_the_state_head_only(tmp_path):
+    from progressive_denoising.pipeline_pdm import PDMPipeline
+
+    model_dir, out = run_train_policy(tmp_path, "--max_steps", "3", "--batch_size", "4", "--learning_rate", "1e-2",
+                                      "--reward", "l2", "--rollouts_per_prompt", "2", "--baseline", "per-prompt")
     before = load_file(os.path.join(model_dir, "model", "model.safetensors"))
     after = load_file(os.path.join(out, "final", "model", "model.safetensors"))
     assert not torch.equal(before["state_head.weight"], after["state_head.weight"])
@@ -193,3 +200,26 @@ def test_policy_training_changes_the_state_head_only(tmp_path):
     ids = pipe.tokenizer(["a small red circle"], return_tensors="pt").input_ids
     assert pipe.model.generate(ids, generator=torch.Generator().manual_seed(0)).shape == (1, 16)
     assert os.path.exists(os.path.join(out, "rewards.jsonl"))
+
+
+def test_max_minutes_stops_early_and_saves(tmp_path):
+    _, out = run_train_policy(tmp_path, "--max_steps", "1000", "--max_minutes", "1e-9", "--batch_size", "2")
+    with open(os.path.join(out, "rewards.jsonl")) as f:
+        assert len(f.readlines()) == 1  # the limit is checked after each step: one step, then the save
+    with open(os.path.join(out, "final", "README.md")) as f:
+        assert "for 1 steps" in f.read()  # the card tells the steps done, not max_steps
+    assert os.path.exists(os.path.join(out, "final", "model", "model.safetensors"))
+
+
+def test_reward_curve_joins_a_continued_run_and_measures_its_slope(tmp_path):
+    import json
+
+    from benchmarks.reward_curve import summarise
+
+    for part, steps in (("a", range(0, 100)), ("b", range(100, 150))):
+        os.makedirs(tmp_path / part)
+        with open(tmp_path / part / "rewards.jsonl", "w") as f:
+            f.writelines(json.dumps({"step": s, "reward": 0.5 + 0.001 * s}) + "\n" for s in steps)
+    curve = summarise(f"{tmp_path / 'a'},{tmp_path / 'b'}", block=50)
+    assert curve["steps"] == 150 and len(curve["block_means"]) == 3
+    assert math.isclose(curve["slope_per_100_steps"], 0.1, rel_tol=1e-6) and curve["slope_standard_error"] < 1e-6

@@ -23,6 +23,7 @@ import dataclasses
 import importlib
 import os
 import sys
+import time
 from typing import Optional
 
 import torch
@@ -56,6 +57,7 @@ class Options:
     train_decoder: bool = False
     batch_size: int = 8
     max_steps: int = 1000
+    max_minutes: Optional[float] = None  # stop (and save) after this many minutes even if max_steps is not reached
     learning_rate: float = 1e-5
     weight_decay: float = 0.0
     max_grad_norm: Optional[float] = 1.0
@@ -80,6 +82,8 @@ def check_options(o):
     if o.reward == "alignment" and o.recogniser is None:
         raise ValueError("option 'reward' alignment needs option 'recogniser': a PDM-Shapes recogniser folder")
     options.check_range("baseline_momentum", o.baseline_momentum, 0.0, 1.0)
+    if o.max_minutes is not None and not o.max_minutes > 0:
+        raise ValueError(f"option 'max_minutes' must be positive, got {o.max_minutes!r}")
     if o.temperature <= 0:
         raise ValueError(f"option 'temperature' must be positive, got {o.temperature!r}")
     for name in ("batch_size", "max_steps", "rollouts_per_prompt"):
@@ -214,7 +218,7 @@ def main(argv=None, reward_fn=None):
     baseline, log = Baseline(o.baseline, o.baseline_momentum, o.rollouts_per_prompt), loop.JsonlLog(
         os.path.join(o.output_dir, "rewards.jsonl"), accelerator.is_main_process)
     accelerator.init_trackers("pdm-policy", config=loop.tracker_config(o))
-    batches = loop.epoch_batches(accelerator, loader, 0)
+    batches, began = loop.epoch_batches(accelerator, loader, 0), time.monotonic()
     for step in range(1, o.max_steps + 1):
         generator = data.step_generator(o.seed, accelerator.process_index, step)
         loss, reward = policy_step(o, accelerator, model, vqvae, tokenizer, next(batches), generator, reward_fn,
@@ -230,13 +234,23 @@ def main(argv=None, reward_fn=None):
         optimizer.zero_grad()
         log.write(step=step, loss=loss.item(), reward=reward, baseline=baseline.value)
         accelerator.log({"policy_loss": loss.item(), "reward": reward}, step=step)
+        if out_of_time(accelerator, o.max_minutes, began):
+            break
     if accelerator.is_main_process:
-        save(o, model, tokenizer, vqvae, reward)
+        save(o, model, tokenizer, vqvae, reward, step)
     loop.finish(accelerator)
     return reward
 
 
-def save(o, model, tokenizer, vqvae, reward):
+def out_of_time(accelerator, max_minutes, began):
+    """Whether `max_minutes` have passed since `began` on any process: all processes stop after the same step."""
+    if max_minutes is None:
+        return False
+    late = torch.tensor(float(time.monotonic() - began > 60 * max_minutes), device=accelerator.device)
+    return bool(accelerator.reduce(late, "max").item())
+
+
+def save(o, model, tokenizer, vqvae, reward, steps):
     """A pipeline folder whose model generates in the learned order by default."""
     from progressive_denoising.pipeline_pdm import PDMPipeline
 
@@ -245,12 +259,12 @@ def save(o, model, tokenizer, vqvae, reward):
     folder = os.path.join(o.output_dir, "final")
     PDMPipeline(tokenizer=tokenizer, model=model, vqvae=vqvae).save_pretrained(folder)
     card = hub.model_card("PDM with a learned order (dynamic importance scoring)", o, {"final_reward": reward},
-                          o.dataset, o.max_steps, extra="\nState head trained by policy gradient (eq. 6-7); "
+                          o.dataset, steps, extra="\nState head trained by policy gradient (eq. 6-7); "
                           "`generate()` uses it by default (`order=\"learned\"`).\n")
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(card)
     if o.push_to_hub:
-        hub.push_folder(folder, o.hub_model_id, f"PDM policy after {o.max_steps} steps")
+        hub.push_folder(folder, o.hub_model_id, f"PDM policy after {steps} steps")
 
 
 if __name__ == "__main__":
