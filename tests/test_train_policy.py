@@ -167,13 +167,18 @@ def test_alignment_reward_prefers_the_prompt_the_image_shows():
     assert right.mean() > 1.8 and wrong.mean() < right.mean() - 0.5, (right, wrong)
 
 
-def run_train_policy(tmp_path, *options):
-    """train_policy.py on a tiny saved pipeline and data set; returns (pipeline folder, output folder)."""
+def tiny_pipeline_and_data(tmp_path):
+    """(pipeline folder, data set folder): a tiny saved pipeline and a tokenized data set to train a policy on."""
     from progressive_denoising.pipeline_pdm import PDMPipeline
 
-    model_dir, out = str(tmp_path / "pipeline"), str(tmp_path / "policy")
+    model_dir = str(tmp_path / "pipeline")
     PDMPipeline(tokenizer=tiny_tokenizer(), model=tiny_model(), vqvae=tiny_vqmodel()).save_pretrained(model_dir)
-    data = make_dataset(str(tmp_path / "data"), num_train=16, num_validation=4)
+    return model_dir, make_dataset(str(tmp_path / "data"), num_train=16, num_validation=4)
+
+
+def run_train_policy(tmp_path, *options):
+    """train_policy.py on a tiny saved pipeline and data set; returns (pipeline folder, output folder)."""
+    (model_dir, data), out = tiny_pipeline_and_data(tmp_path), str(tmp_path / "policy")
     result = subprocess.run(
         [sys.executable, "-m", "training.train_policy", "--model_name_or_path", model_dir, "--dataset", data,
          "--output_dir", out, *options],
@@ -223,3 +228,25 @@ def test_reward_curve_joins_a_continued_run_and_measures_its_slope(tmp_path):
     curve = summarise(f"{tmp_path / 'a'},{tmp_path / 'b'}", block=50)
     assert curve["steps"] == 150 and len(curve["block_means"]) == 3
     assert math.isclose(curve["slope_per_100_steps"], 0.1, rel_tol=1e-6) and curve["slope_standard_error"] < 1e-6
+
+
+class RecordingReward:
+    """A custom reward that remembers which batch keys it was given."""
+
+    def __init__(self, uses_targets):
+        self.uses_targets, self.keys = uses_targets, set()
+
+    def __call__(self, images, batch):
+        self.keys |= set(batch)
+        return -images.float().mean(dim=(1, 2, 3))
+
+
+def test_targets_are_decoded_only_for_rewards_that_use_them(tmp_path):
+    from training import train_policy
+
+    model_dir, data = tiny_pipeline_and_data(tmp_path)
+    for uses_targets in (True, False):
+        reward = RecordingReward(uses_targets)
+        train_policy.main(["--model_name_or_path", model_dir, "--dataset", data, "--max_steps", "1", "--batch_size",
+                           "2", "--output_dir", str(tmp_path / f"policy-{uses_targets}")], reward_fn=reward)
+        assert "prompts" in reward.keys and ("target_images" in reward.keys) == uses_targets

@@ -114,6 +114,8 @@ class AlignmentReward:
     """Per image: 1 when the recogniser finds the whole prompt, plus the mean of its partial credit (count, colour,
     shape, size, layout; `metrics.attribute_scores`). In [0, 2]."""
 
+    uses_targets = False  # reads the prompts, not the data set's images: `policy_step` need not decode them
+
     def __init__(self, path, device):
         self.recogniser = ShapesRecogniser.from_pretrained(path, device=device)
 
@@ -180,8 +182,9 @@ def policy_step(o, accelerator, model, vqvae, tokenizer, batch, generator, rewar
     tokens = tokenizer(batch["prompts"], padding=True, truncation=True, max_length=o.max_caption_length,
                        return_tensors="pt").to(accelerator.device)
     grid = model.config.token_grid_size
-    with torch.no_grad():
-        batch["target_images"] = decode_codes(vqvae, batch["codes"], grid).repeat_interleave(k, 0)
+    if getattr(reward_fn, "uses_targets", True):
+        with torch.no_grad():
+            batch["target_images"] = decode_codes(vqvae, batch["codes"], grid).repeat_interleave(k, 0)
     with accelerator.autocast():
         trajectory = model.rollout(tokens.input_ids, tokens.attention_mask, o.num_stages, o.temperature, generator,
                                    o.policy_temperature)
