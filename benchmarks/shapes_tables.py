@@ -336,7 +336,8 @@ def parse_args(argv=None):
                              "trained once per seed and its row is the mean, each seed's value in brackets")
     parser.add_argument("--policy_steps", type=int, default=1300,
                         help="orders: policy-gradient steps of the learned arm (after the quant-error arm's training; "
-                             "1300 took 11 minutes of one H100; about 5 hours of a 2-core CPU at 13 s a step)")
+                             "the README's arms ran 1323, 583 + 740 in two time-capped runs, 11 minutes of one H100; "
+                             "about 5 hours of a 2-core CPU at 13 s a step)")
     parser.add_argument("--arm", action="append", default=[],
                         help='recipe: "name:key=value,key=value", train_pdm.py overrides of --config (repeatable)')
     parser.add_argument("--arms", default="", help="orders / p-error: only the arms whose name contains one of these")
