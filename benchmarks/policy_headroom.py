@@ -4,7 +4,8 @@ default), the state head as a policy at a few temperatures (`rollout`, the traje
 fixed random and raster orders.
 
     python -m benchmarks.policy_headroom --model runs/tables-orders/order=quant-error/seed=0/final \
-        --recogniser progressive_denoising/bundled/pdm-shapes/recogniser --data runs/shapes32 --num-prompts 256
+        --recogniser progressive_denoising/bundled/pdm-shapes/recogniser --data runs/shapes32 --num-prompts 1000 \
+        --out docs/results/learned-order/headroom-quant-error-seed0.json
 """
 
 import argparse
@@ -46,11 +47,12 @@ def main(argv=None):
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", help="JSON file")
     args = parser.parse_args(argv)
-    pipe = PDMPipeline.from_pretrained(args.model)
+    pipe = PDMPipeline.from_pretrained(args.model).to(args.device)
     pipe.model.eval()
-    reward = AlignmentReward(args.recogniser, "cpu")
+    reward = AlignmentReward(args.recogniser, args.device)
     _, captions = load_test(args.data, args.num_prompts, args.split)
     results, greedy = {}, None
     for name, rule in RULES.items():

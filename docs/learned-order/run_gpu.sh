@@ -2,10 +2,12 @@
 # Table 3's learned arms on one lent GPU: the policy (python -m training.train_policy, alignment reward, per-prompt
 # baseline) on each start model under gpu/policy-start/NAME-seedS/{model,tokenizer} (copies of the fixed-order arms'
 # final/model and final/tokenizer, trained on the CPU) at each learning rate of LRS, all at once, each for
-# POLICY_STEPS steps or until MAX_MINUTES (policy seed S). Each run's rewards.jsonl and final/ folder (without the VQ model, which is the bundled one) come back
-# as one archive. Run from the repo root; the prompts are those of training/make_bundled_model.sh's data set
-# (same seed), made again here; gpu/whl holds the wheels the GPU image lacks.
-#   bash docs/learned-order/run_gpu.sh
+# POLICY_STEPS steps or until MAX_MINUTES (policy seed S + SEED_OFFSET). Each run's rewards.jsonl and final/ folder
+# (without the VQ model, which is the bundled one) come back as one archive. Run from the repo root; the prompts are
+# those of training/make_bundled_model.sh's data set (same seed), made again here; gpu/whl holds the wheels the GPU
+# image lacks. As run for the README's table 3 (carry gpu/whl and gpu/policy-start):
+#   MAX_MINUTES=5.3 LRS="1e-4 3e-4" bash docs/learned-order/run_gpu.sh      # starts: quant-error-seed{0,1}
+#   MAX_MINUTES=5.0 LRS=3e-4 SEED_OFFSET=100 bash docs/learned-order/run_gpu.sh   # starts: the 3e-4 runs' final/
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
 began=$(date +%s)
@@ -28,8 +30,8 @@ for start in gpu/policy-start/*/; do for lr in $LRS; do
   $PY -m training.train_policy --model_name_or_path "$start/model" --tokenizer "$start/tokenizer" --vqvae $VQ \
       --dataset "$W/codes" --reward alignment --recogniser progressive_denoising/bundled/pdm-shapes/recogniser \
       --batch_size "$BATCH" --rollouts_per_prompt "$ROLLOUTS" --baseline per-prompt --learning_rate "$lr" \
-      --max_steps "$POLICY_STEPS" --max_minutes "$MAX_MINUTES" --seed $(( seed + SEED_OFFSET )) --output_dir "$W/policy/$name" \
-      > "$W/logs/policy-$name.log" 2>&1 &
+      --max_steps "$POLICY_STEPS" --max_minutes "$MAX_MINUTES" --seed $(( seed + SEED_OFFSET )) \
+      --output_dir "$W/policy/$name" > "$W/logs/policy-$name.log" 2>&1 &
 done; done
 for _ in $(seq 18); do sleep 5; [ -z "$(jobs -r)" ] && break; done
 for f in "$W"/policy/*/rewards.jsonl; do echo "$f: $(wc -l < "$f") steps after $(( $(date +%s) - began )) s"; done
