@@ -190,10 +190,11 @@ def policy_step(o, accelerator, model, vqvae, tokenizer, batch, generator, rewar
                                    o.policy_temperature)
     with torch.no_grad():
         rewards = reward_fn(decode_codes(vqvae, trajectory.codes, grid), batch).float()
+    all_rewards = accelerator.gather(rewards)
     # per prompt, the baseline needs this process's own rollouts; the others average over every process
-    advantage = rewards - baseline(rewards if o.baseline == "per-prompt" else accelerator.gather(rewards))
+    advantage = rewards - baseline(rewards if o.baseline == "per-prompt" else all_rewards)
     loss = -(advantage * trajectory.log_prob).mean()  # gradient of eq. 6 by the policy-gradient theorem
-    return loss, accelerator.gather(rewards).mean().item()
+    return loss, all_rewards.mean().item()
 
 
 def main(argv=None, reward_fn=None):
