@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from benchmarks.shapes_tables import load_test
+from benchmarks.shapes_tables import load_test, prompt_batches
 from progressive_denoising import PDMPipeline
 from training.train_policy import AlignmentReward
 
@@ -26,9 +26,7 @@ RULES = {"state head, greedy": dict(order="learned"), "policy, temperature 1": d
 def rule_rewards(pipe, reward, captions, rule, batch_size, seed):
     """Per-prompt rewards of `captions` (image i drawn with generator seed + i) under one position rule."""
     rewards = []
-    for start in range(0, len(captions), batch_size):
-        chunk = captions[start:start + batch_size]
-        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+    for chunk, generators in prompt_batches(captions, seed, batch_size):
         input_ids, attention_mask = pipe.encode_prompt(chunk)
         if "order" in rule:
             codes = pipe.model.generate(input_ids, attention_mask, generator=generators, **rule)

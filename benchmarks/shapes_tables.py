@@ -59,6 +59,14 @@ POLICY_OPTIONS = ("--batch_size", "64", "--rollouts_per_prompt", "8", "--baselin
                   "--learning_rate", "3e-4", "--reward", "alignment")
 
 
+def prompt_batches(captions, seed, batch_size):
+    """(captions, generators) chunks of `captions`: image i of the whole list is drawn with generator seed + i, so a
+    prompt gets the same image whatever the batch size."""
+    for start in range(0, len(captions), batch_size):
+        chunk = captions[start:start + batch_size]
+        yield chunk, [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+
+
 def generate_images(pipe, captions, seed, batch_size, guidance_scale, replaced=None, **stage_kwargs):
     """PIL images for `captions` (image i drawn with generator seed + i) and the seconds `generate` took.
 
@@ -68,9 +76,7 @@ def generate_images(pipe, captions, seed, batch_size, guidance_scale, replaced=N
     if replaced is not None:
         stage_kwargs["return_stages"] = True
     images, seconds = [], 0.0
-    for start in range(0, len(captions), batch_size):
-        chunk = captions[start:start + batch_size]
-        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+    for chunk, generators in prompt_batches(captions, seed, batch_size):
         input_ids, attention_mask = pipe.encode_prompt(chunk)
         began = time.perf_counter()
         codes = pipe.model.generate(input_ids, attention_mask, guidance_scale=guidance_scale, generator=generators,
