@@ -1,6 +1,16 @@
-"""Configuration of the Progressive Denoising Model (PDM)."""
+"""Configuration of the Progressive Denoising Model (PDM): the model's (`PDMConfig`) and a generation run's
+(`PDMGenerationConfig`, saved beside the model as `generation_config.json`)."""
+
+import dataclasses
+import json
+import math
+import numbers
+import os
+from typing import Optional
 
 from transformers import AutoConfig, PretrainedConfig, T5Config
+
+from .errors import ArgumentError
 
 # The state head predicts one of three classes per position. The paper writes the states as 0 (keep),
 # 1 (generate) and -1 (replace); class indices must be non-negative, so "replace" is class 2.
@@ -8,11 +18,18 @@ STATE_KEEP, STATE_GENERATE, STATE_REPLACE = 0, 1, 2
 STATE_NAMES = ("keep", "generate", "replace")
 
 # Orders of section 3.2 / table 3. The state head chooses positions for the orders it was trained on;
-# `raster` and `random` are fixed rules.
-ORDERS = ("raster", "random", "quant-error", "reverse-quant-error", "learned")
+# `raster` and `random` are fixed rules. `confidence` is a sampling rule only (MaskGIT's): a code is drawn at every
+# masked position and the stage keeps the most probable draws, with Gumbel noise that anneals over the stages.
+ORDERS = ("raster", "random", "quant-error", "reverse-quant-error", "learned", "confidence")
 FIXED_ORDERS = ("raster", "random")
 # Where the token loss of a training tuple applies: the paper's stage group (Z^t != 0), or every masked position.
 TOKEN_LOSS_POSITIONS = ("stage", "masked")
+# Where a learned absolute position embedding of the prompt's tokens is added, if anywhere: to the T5 encoder's input
+# embeddings ("input") or to the text states the decoder's cross-attention reads ("output"). T5 itself knows word
+# order only through the relative attention bias of its first layer, which a small T5 trained from scratch can leave
+# unused: its states are then a bag of words, the same for "a red circle left of a blue square" and "a blue circle
+# left of a red square".
+TEXT_POSITION_EMBEDDINGS = ("input", "output")
 
 
 class PDMConfig(PretrainedConfig):
@@ -39,6 +56,10 @@ class PDMConfig(PretrainedConfig):
         token_loss_positions (`str`, defaults to `"stage"`): where the token loss applied in training, `stage`
             (the paper's rule: the stage-t group and pseudo errors) or `masked` (every masked position and pseudo
             errors); a record of how the model was trained, used by the training script.
+        text_position_embedding (`str`, *optional*): `"input"` adds a learned absolute position embedding to the T5
+            encoder's input embeddings, `"output"` to the T5 states before the decoder's cross-attention; None (the
+            default, and the paper's) relies on T5's relative attention bias alone.
+        max_text_positions (`int`, defaults to 256): prompt tokens the absolute position embedding covers.
         hidden_dropout (`float`), attention_dropout (`float`): dropout rates of the decoder.
         layer_norm_eps (`float`), initializer_range (`float`): as in other transformers models.
     """
@@ -60,6 +81,8 @@ class PDMConfig(PretrainedConfig):
         training_order="quant-error",
         freeze_text_encoder=True,
         token_loss_positions="stage",
+        text_position_embedding=None,
+        max_text_positions=256,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         layer_norm_eps=1e-6,
@@ -82,6 +105,8 @@ class PDMConfig(PretrainedConfig):
         self.training_order = training_order
         self.freeze_text_encoder = freeze_text_encoder
         self.token_loss_positions = token_loss_positions
+        self.text_position_embedding = text_position_embedding
+        self.max_text_positions = max_text_positions
         self.hidden_dropout = hidden_dropout
         self.attention_dropout = attention_dropout
         self.layer_norm_eps = layer_norm_eps
@@ -131,6 +156,11 @@ class PDMConfig(PretrainedConfig):
             raise ValueError(
                 f"PDMConfig.token_loss_positions must be one of {TOKEN_LOSS_POSITIONS}, got {self.token_loss_positions!r}"
             )
+        if self.text_position_embedding is not None and self.text_position_embedding not in TEXT_POSITION_EMBEDDINGS:
+            raise ValueError(f"PDMConfig.text_position_embedding must be None or one of {TEXT_POSITION_EMBEDDINGS}, "
+                             f"got {self.text_position_embedding!r}")
+        if not isinstance(self.max_text_positions, int) or self.max_text_positions <= 0:
+            raise ValueError(f"PDMConfig.max_text_positions must be a positive integer, got {self.max_text_positions!r}")
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"PDMConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
@@ -151,6 +181,140 @@ class PDMARConfig(PDMConfig):
 
     def __init__(self, **kwargs):  # explicit: transformers would otherwise derive one that skips PDMConfig's
         super().__init__(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------------------
+
+# How the guidance scale moves over the stages: the same at every stage, or rising linearly from 1 (no guidance) at
+# the first stage to `guidance_scale` at the last (Muse's schedule: early stages, which place things, stay unguided).
+GUIDANCE_SCHEDULES = ("constant", "linear")
+
+
+def is_finite_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass
+class PDMGenerationConfig:
+    r"""The arguments of a generation run, and a model's defaults for them (`model.generation_config`, saved as
+    `generation_config.json` in the model's folder). `generate` and the pipelines start from the model's and
+    override per call; None for `num_stages` / `order` means the model's own (`config.num_stages`,
+    `config.training_order`).
+
+    Args:
+        num_stages (`int`, *optional*): stages T, 1..L.
+        order (`str`, *optional*): `raster`, `random`, `quant-error`, `reverse-quant-error` or `learned`.
+        temperature (`float`, defaults to 1.0): code sampling temperature, > 0.
+        top_k (`int`, *optional*): sample among the k likeliest codes, 1..K.
+        top_p (`float`, *optional*): sample from the nucleus of this mass, in (0, 1].
+        guidance_scale (`float`, defaults to 1.0): classifier-free guidance on the code logits, >= 0 (1 = off).
+        guidance_schedule (`str`, defaults to `"constant"`): `constant`, or `linear` (1 at the first stage rising
+            to `guidance_scale` at the last).
+        max_replacements (`int`, *optional*): cap on the codes replaced per stage (0 turns error recovering off).
+    """
+
+    num_stages: Optional[int] = None
+    order: Optional[str] = None
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    guidance_scale: float = 1.0
+    guidance_schedule: str = "constant"
+    max_replacements: Optional[int] = None
+
+    FILE_NAME = "generation_config.json"
+
+    @classmethod
+    def _check_keys(cls, values: dict, source: str):
+        names = [field.name for field in dataclasses.fields(cls)]
+        for key in values:
+            if key not in names:
+                raise ArgumentError(key, f"{source}: unknown key {key!r} (known: {', '.join(names)})")
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "the generation config") -> "PDMGenerationConfig":
+        """A config of `values`; an unknown key is a `ArgumentError` naming it and `source`."""
+        cls._check_keys(values, source)
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def updated(self, **overrides) -> "PDMGenerationConfig":
+        """A copy with the `overrides` that are not None (None keeps the value, as in transformers' `generate`)."""
+        values = {key: value for key, value in overrides.items() if value is not None}
+        self._check_keys(values, "generate")
+        return dataclasses.replace(self, **values)
+
+    def resolved(self, config: "PDMConfig") -> "PDMGenerationConfig":
+        """This run's arguments for a model of `config`: None stages and order filled in from it, every value checked
+        (`validate`)."""
+        run = dataclasses.replace(self, num_stages=config.num_stages if self.num_stages is None else self.num_stages,
+                                  order=config.training_order if self.order is None else self.order)
+        run.validate(config)
+        return run
+
+    def validate(self, config: Optional["PDMConfig"] = None):
+        """`ArgumentError` naming the first bad value; with a model `config`, the stages and top-k are
+        checked against its L and K too."""
+        num_tokens = None if config is None else config.num_image_tokens
+        codebook_size = None if config is None else config.codebook_size
+        if self.num_stages is not None and (not is_integer(self.num_stages) or self.num_stages < 1
+                                            or (num_tokens is not None and self.num_stages > num_tokens)):
+            bound = "" if num_tokens is None else f" and L = {num_tokens}"
+            raise ArgumentError(
+                "num_stages", f"num_stages must be an integer between 1{bound}, got {self.num_stages!r}")
+        if self.order is not None and self.order not in ORDERS:
+            raise ArgumentError("order", f"order must be one of {ORDERS}, got {self.order!r}")
+        if not is_finite_number(self.temperature) or not self.temperature > 0:
+            raise ArgumentError(
+                "temperature", f"temperature must be a finite number > 0, got {self.temperature!r}")
+        if self.top_k is not None and (not is_integer(self.top_k) or self.top_k < 1
+                                       or (codebook_size is not None and self.top_k > codebook_size)):
+            bound = "" if codebook_size is None else f" and codebook_size {codebook_size}"
+            raise ArgumentError("top_k", f"top_k must be an integer between 1{bound}, got {self.top_k!r}")
+        if self.top_p is not None and (not is_finite_number(self.top_p) or not 0 < self.top_p <= 1):
+            raise ArgumentError("top_p", f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not is_finite_number(self.guidance_scale) or not self.guidance_scale >= 0:
+            raise ArgumentError(
+                "guidance_scale", f"guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
+        if self.guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ArgumentError(
+                "guidance_schedule",
+                f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {self.guidance_schedule!r}")
+        if self.max_replacements is not None and (not is_integer(self.max_replacements) or self.max_replacements < 0):
+            raise ArgumentError(
+                "max_replacements", f"max_replacements must be None or an integer >= 0, got {self.max_replacements!r}")
+
+    def save_pretrained(self, save_directory: str):
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, self.FILE_NAME), "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+
+    @classmethod
+    def from_file(cls, path: str) -> "PDMGenerationConfig":
+        """The config in a `generation_config.json`; a damaged file, an unknown key or a bad value is a ValueError
+        (`ArgumentError` for the latter two) whose one line names the file and the key."""
+        try:
+            with open(path) as f:
+                values = json.load(f)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path} is not a readable JSON file: {error}") from error
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a JSON object of generation arguments")
+        config = cls.from_dict(values, source=path)
+        try:
+            config.validate()
+        except ArgumentError as error:
+            raise ArgumentError(error.argument, f"{path}: {error}") from error
+        return config
 
 
 # Register with the Auto classes when imported as part of the package. A copy saved beside a model and loaded with

@@ -20,17 +20,10 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
-from transformers import AutoModel, T5EncoderModel
+from transformers import AutoModel
 
-from .configuration_pdm import PDMARConfig
-from .modeling_pdm import (
-    PDMAttention,
-    PDMDecoder,
-    PDMOutput,
-    PDMPreTrainedModel,
-    check_sampling_arguments,
-    cross_entropy,
-)
+from .configuration_pdm import PDMARConfig, PDMGenerationConfig
+from .modeling_pdm import PDMAttention, PDMDecoder, PDMOutput, PDMPreTrainedModel, check_num_images, cross_entropy
 from .ordering import Generators
 from .sampling import guidance_mix, sample_codes
 
@@ -95,7 +88,7 @@ class PDMARForTextToImage(PDMPreTrainedModel):
 
     def __init__(self, config: PDMARConfig):
         super().__init__(config)
-        self.text_encoder = T5EncoderModel(config.text_config)
+        self._init_text_encoder(config)
         self.decoder = PDMDecoder(config)
         self.token_head = nn.Linear(config.hidden_size, config.codebook_size)
         self.post_init()
@@ -188,10 +181,11 @@ class PDMARForTextToImage(PDMPreTrainedModel):
         self,
         input_ids: torch.LongTensor,
         attention_mask: Optional[torch.LongTensor] = None,
-        temperature: float = 1.0,
+        temperature: Optional[float] = None,
         top_k: Optional[int] = None,
         top_p: Optional[float] = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: Optional[float] = None,
+        generation_config: Optional[PDMGenerationConfig] = None,
         negative_input_ids: Optional[torch.LongTensor] = None,
         negative_attention_mask: Optional[torch.LongTensor] = None,
         num_images_per_prompt: int = 1,
@@ -201,7 +195,8 @@ class PDMARForTextToImage(PDMPreTrainedModel):
 
         The text keys and values are computed once; the keys and values of past codes live in a preallocated
         cache, so each step costs one token's worth of decoder work. Sampling (temperature, `top_k`, `top_p`, the
-        Gumbel noise, one generator per image) and classifier-free guidance are PDM's.
+        Gumbel noise, one generator per image) and classifier-free guidance are PDM's; their defaults come from
+        `generation_config`, else the model's own (its stage arguments do not apply).
 
         Args:
             input_ids, attention_mask: (batch, S) prompt token ids and mask.
@@ -213,8 +208,10 @@ class PDMARForTextToImage(PDMPreTrainedModel):
         Returns:
             `torch.LongTensor` of shape (batch * num_images_per_prompt, L).
         """
-        check_sampling_arguments(self.config.codebook_size, temperature, top_k, top_p, guidance_scale,
-                                 num_images_per_prompt)
+        run = self.run_config(generation_config, temperature=temperature, top_k=top_k, top_p=top_p,
+                              guidance_scale=guidance_scale)
+        check_num_images(num_images_per_prompt)
+        temperature, top_k, top_p, guidance_scale = run.temperature, run.top_k, run.top_p, run.guidance_scale
         device, num_tokens = self.device, self.config.num_image_tokens
         use_guidance = guidance_scale != 1.0
         batch_size, text_key_values, text_mask = self._prepare_text(

@@ -5,8 +5,6 @@ Read top to bottom: building blocks (attention, decoder layer, decoder), the pre
 `PDMForTextToImage` with its output dataclasses, `forward` and `generate`.
 """
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -16,13 +14,16 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel, T5EncoderModel
 from transformers import initialization as init
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, cached_file, logging
 
-from .configuration_pdm import ORDERS, PDMConfig
-from .ordering import IGNORE_INDEX, Generators, fill_schedule, is_fixed_order, order_scores, scores_to_ranks
-from .sampling import choose_stage_positions, guidance_mix, sample_codes_at
+from .configuration_pdm import ArgumentError, PDMConfig, PDMGenerationConfig, is_finite_number, is_integer
+from .ordering import IGNORE_INDEX, Generators
+from .sampling import StageRun
 
 logger = logging.get_logger(__name__)
+
+# Arguments of `from_pretrained` that say where and how to fetch a Hub repository's files.
+HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -188,42 +189,15 @@ class PDMDecoder(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _is_finite_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of (batch, L, C) logits against (batch, L) labels, in float32, -100 ignored."""
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
-def check_sampling_arguments(codebook_size, temperature, top_k, top_p, guidance_scale, num_images_per_prompt):
-    """ValueError naming the first bad sampling argument (each message starts with the argument's name)."""
-    if not _is_finite_number(temperature) or not temperature > 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool)
-                              or not 1 <= top_k <= codebook_size):
-        raise ValueError(f"top_k must be an integer between 1 and codebook_size {codebook_size}, got {top_k!r}")
-    if top_p is not None and (not _is_finite_number(top_p) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
-    if not _is_finite_number(guidance_scale) or not guidance_scale >= 0:
-        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-
-
-def check_generate_arguments(config, num_stages, order, temperature=1.0, top_k=None, top_p=None, guidance_scale=1.0,
-                             num_images_per_prompt=1, max_replacements=None):
-    """The checks of [`PDMForTextToImage.generate`] that need only the model's config, so that a caller (the `pdm`
-    command) can run them before loading any weights. ValueError naming the first bad argument."""
-    num_tokens = config.num_image_tokens
-    if not isinstance(num_stages, int) or isinstance(num_stages, bool) or not 1 <= num_stages <= num_tokens:
-        raise ValueError(f"num_stages must be an integer between 1 and L = {num_tokens}, got {num_stages!r}")
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-    check_sampling_arguments(config.codebook_size, temperature, top_k, top_p, guidance_scale, num_images_per_prompt)
-    if max_replacements is not None and (not isinstance(max_replacements, int) or max_replacements < 0):
-        raise ValueError(f"max_replacements must be None or an integer >= 0, got {max_replacements!r}")
+def check_num_images(num_images_per_prompt):
+    if not is_integer(num_images_per_prompt) or num_images_per_prompt < 1:
+        raise ArgumentError("num_images_per_prompt", "num_images_per_prompt must be a positive integer, "
+                                      f"got {num_images_per_prompt!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,7 +222,11 @@ class PDMPreTrainedModel(PreTrainedModel):
         Applied to the decoder and the heads; transformers initializes the T5 text encoder with T5's own rule.
         """
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
+        if module is getattr(self, "text_position_embedding", None):
+            # At the scale of T5's own token embeddings (or of its normalised output states), so that word order
+            # weighs in from the first step as much as word identity does.
+            init.normal_(module.weight, mean=0.0, std=self.config.text_config.initializer_factor)
+        elif isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -257,6 +235,35 @@ class PDMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # transformers skips initialising a module without parameters of its own in custom code (which may write
+        # weights in place), and T5 initialises its linear layers from their parent blocks (`T5DenseActDense`,
+        # `T5Attention`): T5 weights missing from a checkpoint would keep the generic N(0, 1). This class initialises
+        # through `transformers.initialization` as the library's models do, so it asks for the library's treatment.
+        return False
+
+    def post_init(self):
+        super().post_init()
+        # The defaults of a generation run; `from_pretrained` reads the folder's `generation_config.json` when it has
+        # one (transformers' own `GenerationConfig` is for token-by-token language models: PDM keeps its own).
+        self.generation_config = PDMGenerationConfig()
+
+    def run_config(self, generation_config: Optional[PDMGenerationConfig] = None, **overrides) -> PDMGenerationConfig:
+        """The arguments of one generation run: `generation_config` (default: the model's) with the `overrides` that
+        are not None, resolved against this model's config and checked."""
+        base = self.generation_config if generation_config is None else generation_config
+        if not isinstance(base, PDMGenerationConfig):
+            raise ArgumentError("generation_config", "generation_config must be a PDMGenerationConfig, got "
+                                          f"{type(base).__name__}")
+        return base.updated(**overrides).resolved(self.config)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`, and the generation defaults as `generation_config.json`."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            self.generation_config.save_pretrained(save_directory)
 
     def _freeze_text_encoder(self):
         """No gradients for the T5 encoder when `config.freeze_text_encoder` (the paper's setting)."""
@@ -270,6 +277,13 @@ class PDMPreTrainedModel(PreTrainedModel):
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
         model._freeze_text_encoder()
+        path = cached_file(
+            args[0] if args else kwargs["pretrained_model_name_or_path"], PDMGenerationConfig.FILE_NAME,
+            subfolder=kwargs.get("subfolder", ""), _raise_exceptions_for_missing_entries=False,
+            **{key: kwargs[key] for key in HUB_KWARGS if key in kwargs},
+        )
+        if path is not None:  # folders saved before generation configs existed keep the defaults
+            model.generation_config = PDMGenerationConfig.from_file(path)
         return loaded
 
     # -- the text side, shared by PDM and the autoregressive baseline -------------------------------------------
@@ -292,10 +306,43 @@ class PDMPreTrainedModel(PreTrainedModel):
             self.text_encoder.eval()  # a frozen encoder also keeps its dropout off
         return self
 
+    def _init_text_encoder(self, config):
+        """The T5 encoder and, when `config.text_position_embedding` asks for it, the absolute position embedding of
+        the prompt's tokens."""
+        self.text_encoder = T5EncoderModel(config.text_config)
+        if config.text_position_embedding is not None:
+            self.text_position_embedding = nn.Embedding(config.max_text_positions, config.text_config.d_model)
+
+    def _text_positions(self, length: int, device) -> torch.Tensor:
+        """(length, d_model) absolute position embedding of the first `length` prompt tokens."""
+        if length > self.config.max_text_positions:
+            raise ValueError(f"the prompt has {length} tokens but the text position embedding covers "
+                             f"max_text_positions = {self.config.max_text_positions}: shorten or truncate it")
+        return self.text_position_embedding(torch.arange(length, device=device))
+
     def encode_text(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(batch, S, d_model) T5 states of the prompt; without gradients when the encoder is frozen."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_text_encoder):
-            return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            if self.config.text_position_embedding != "input":
+                return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            embeds = self.text_encoder.get_input_embeddings()(input_ids)
+            embeds = embeds + self._text_positions(input_ids.shape[1], input_ids.device)
+            return self.text_encoder(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+
+    def _with_output_positions(self, text_states: torch.Tensor) -> torch.Tensor:
+        if self.config.text_position_embedding != "output":
+            return text_states
+        return text_states + self._text_positions(text_states.shape[1], text_states.device)
+
+    def prompt_states(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(batch, S, d_model) the prompt as the decoder's cross-attention reads it: T5's states (`encode_text`), with
+        the absolute positions added when `config.text_position_embedding == "output"`."""
+        return self._with_output_positions(self.encode_text(input_ids, attention_mask))
+
+    def text_key_values(self, text_states: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Cross-attention keys and values of every decoder layer for (batch, S, d_model) T5 states (`encode_text`);
+        computed once per prompt, reused at every stage."""
+        return self.decoder.text_key_values(self._with_output_positions(text_states))
 
     def _text_inputs(self, input_ids, attention_mask, encoder_hidden_states):
         """(cross-attention keys / values of every decoder layer, (batch, S) bool text mask) of `forward`'s text
@@ -306,7 +353,7 @@ class PDMPreTrainedModel(PreTrainedModel):
             encoder_hidden_states = self.encode_text(input_ids, attention_mask)
         if attention_mask is None:
             attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=encoder_hidden_states.device)
-        return self.decoder.text_key_values(encoder_hidden_states), attention_mask.bool()
+        return self.text_key_values(encoder_hidden_states), attention_mask.bool()
 
     def _unconditional_input(self, batch_size, negative_input_ids, negative_attention_mask, device):
         """Token ids of the unconditional prompt: `negative_input_ids` or the empty prompt (T5's lone `</s>`)."""
@@ -349,7 +396,7 @@ class PDMPreTrainedModel(PreTrainedModel):
                 "pass one generator or one per image"
             )
         text_states, text_mask = self._encode_prompts(input_ids, attention_mask, negative, guidance_scale != 1.0)
-        return batch_size, self.decoder.text_key_values(text_states), text_mask
+        return batch_size, self.text_key_values(text_states), text_mask
 
     def _encode_prompts(self, input_ids, attention_mask, negative, use_guidance):
         """Text states and mask of the prompts, with the unconditional prompts appended when guiding."""
@@ -441,7 +488,7 @@ class PDMForTextToImage(PDMPreTrainedModel):
 
     def __init__(self, config: PDMConfig):
         super().__init__(config)
-        self.text_encoder = T5EncoderModel(config.text_config)
+        self._init_text_encoder(config)
         self.decoder = PDMDecoder(config)
         self.token_head = nn.Linear(config.hidden_size, config.codebook_size)
         self.state_head = nn.Linear(config.hidden_size, 3)
@@ -510,17 +557,19 @@ class PDMForTextToImage(PDMPreTrainedModel):
         attention_mask: Optional[torch.LongTensor] = None,
         num_stages: Optional[int] = None,
         order: Optional[str] = None,
-        temperature: float = 1.0,
+        temperature: Optional[float] = None,
         top_k: Optional[int] = None,
         top_p: Optional[float] = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: Optional[float] = None,
+        guidance_schedule: Optional[str] = None,
+        max_replacements: Optional[int] = None,
+        generation_config: Optional[PDMGenerationConfig] = None,
         negative_input_ids: Optional[torch.LongTensor] = None,
         negative_attention_mask: Optional[torch.LongTensor] = None,
         num_images_per_prompt: int = 1,
         generator: Generators = None,
         return_stages: bool = False,
-        max_replacements: Optional[int] = None,
-        callback_on_stage_end: Optional[Callable[[int, torch.Tensor], None]] = None,
+        callback_on_stage_end: Optional[Callable[[int, torch.Tensor], Optional[torch.Tensor]]] = None,
         init_codes: Optional[torch.LongTensor] = None,
         keep_mask: Optional[torch.BoolTensor] = None,
     ):
@@ -534,17 +583,23 @@ class PDMForTextToImage(PDMPreTrainedModel):
           `max_replacements=0` turns error recovering off);
         - samples codes for all of them in parallel (temperature, `top_k`, `top_p`, classifier-free guidance).
 
+        The run's arguments (`num_stages` to `max_replacements`) default to `generation_config`, else the model's
+        own (`model.generation_config`, saved as `generation_config.json`); None keeps the default. Each is checked
+        once, by [`PDMGenerationConfig.validate`], and a bad one raises `ArgumentError` naming it.
+
         Args:
             input_ids, attention_mask: (batch, S) prompt token ids and mask.
-            num_stages: T in `1..L`; defaults to `config.num_stages`.
-            order: `raster`, `random`, `quant-error`, `reverse-quant-error` or `learned`; defaults to the order the
+            num_stages: T in `1..L`; by default the model's `num_stages`.
+            order: `raster`, `random`, `quant-error`, `reverse-quant-error` or `learned`; by default the order the
                 model was trained on (`config.training_order`).
             guidance_scale: > 1 mixes `uncond + scale * (cond - uncond)`; the unconditional prompt is the empty
-                prompt or `negative_input_ids` (one row, or one per prompt).
+                prompt or `negative_input_ids` (one row, or one per prompt). `guidance_schedule="linear"` rises from
+                1 at the first stage to `guidance_scale` at the last.
             num_images_per_prompt: images per prompt; the output has batch * num_images_per_prompt rows.
             generator: a `torch.Generator`, or one per output row (a batch then equals its rows one by one).
             return_stages: also return the codes after every stage and how many codes each stage replaced.
-            callback_on_stage_end: called as `fn(stage_index, codes)` after every stage.
+            callback_on_stage_end: called as `fn(stage_index, codes)` after every stage; codes it returns (same
+                shape) are what the next stage starts from.
             init_codes: (batch, L) or (batch * num_images_per_prompt, L) codes to start from: positions holding
                 `[MASK]` (`config.mask_token_id`) are filled, the stage schedule spreading them over the T stages;
                 the others are there from the start and, unless kept, may be replaced like generated codes.
@@ -555,16 +610,15 @@ class PDMForTextToImage(PDMPreTrainedModel):
             `torch.LongTensor` of shape (batch * num_images_per_prompt, L), or a [`PDMGenerateOutput`] with the
             codes, the stages and the replacement counts when `return_stages=True`.
         """
-        num_stages = self.config.num_stages if num_stages is None else num_stages
-        order = self.config.training_order if order is None else order
-        check_generate_arguments(self.config, num_stages, order, temperature, top_k, top_p, guidance_scale,
-                                 num_images_per_prompt, max_replacements)
+        run_config = self.run_config(generation_config, num_stages=num_stages, order=order, temperature=temperature,
+                                     top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
+                                     guidance_schedule=guidance_schedule, max_replacements=max_replacements)
+        check_num_images(num_images_per_prompt)
         output = self._run_stages(
-            input_ids, attention_mask, num_stages, order, temperature=temperature, top_k=top_k, top_p=top_p,
-            guidance_scale=guidance_scale, negative_input_ids=negative_input_ids,
+            input_ids, attention_mask, run_config, negative_input_ids=negative_input_ids,
             negative_attention_mask=negative_attention_mask, num_images_per_prompt=num_images_per_prompt,
-            generator=generator, max_replacements=max_replacements, callback_on_stage_end=callback_on_stage_end,
-            init_codes=init_codes, keep_mask=keep_mask, return_stages=return_stages,
+            generator=generator, callback_on_stage_end=callback_on_stage_end, init_codes=init_codes,
+            keep_mask=keep_mask, return_stages=return_stages,
         )
         return output if return_stages else output.codes
 
@@ -573,7 +627,7 @@ class PDMForTextToImage(PDMPreTrainedModel):
         input_ids: torch.LongTensor,
         attention_mask: Optional[torch.LongTensor] = None,
         num_stages: Optional[int] = None,
-        temperature: float = 1.0,
+        temperature: Optional[float] = None,
         generator: Generators = None,
         policy_temperature: Optional[float] = 1.0,
     ) -> "PDMGenerateOutput":
@@ -582,9 +636,9 @@ class PDMForTextToImage(PDMPreTrainedModel):
         Each stage draws the positions to fill among the masked ones without replacement, with probabilities
         softmax(log p(generate) / policy_temperature) (Gumbel-top-k), and replaces each generated code with
         probability sigmoid((log p(replace) - log p(keep)) / policy_temperature), at most as many as the stage before
-        generated: the paper's action z in {1, -1}. Codes are sampled as in `generate` (`temperature`). Runs with
-        gradients where parameters require them (the state head when training a policy), so `log_prob` can be
-        differentiated.
+        generated: the paper's action z in {1, -1}. Codes are sampled as in `generate` (`temperature`; no guidance,
+        top-k or top-p). Runs with gradients where parameters require them (the state head when training a policy),
+        so `log_prob` can be differentiated.
 
         Args:
             policy_temperature: 1 reads the state head's probabilities as they are; lower values explore closer to
@@ -595,49 +649,36 @@ class PDMForTextToImage(PDMPreTrainedModel):
             [`PDMGenerateOutput`] with `codes` (batch, L), `replaced` (batch, T) and `log_prob` (batch,): the
             log-probability of all the position choices of the trajectory.
         """
-        num_stages = self.config.num_stages if num_stages is None else num_stages
-        check_generate_arguments(self.config, num_stages, "learned", temperature)
-        if policy_temperature is not None and not (_is_finite_number(policy_temperature) and policy_temperature > 0):
-            raise ValueError(f"policy_temperature must be None or a finite number > 0, got {policy_temperature!r}")
-        return self._run_stages(input_ids, attention_mask, num_stages, "learned", temperature=temperature,
-                                generator=generator, policy_temperature=policy_temperature)
+        run_config = PDMGenerationConfig(num_stages=num_stages, order="learned",
+                                         temperature=1.0 if temperature is None else temperature)
+        run_config = run_config.resolved(self.config)
+        if policy_temperature is not None and not (is_finite_number(policy_temperature) and policy_temperature > 0):
+            raise ArgumentError("policy_temperature", "policy_temperature must be None or a finite number "
+                                          f"> 0, got {policy_temperature!r}")
+        return self._run_stages(input_ids, attention_mask, run_config, generator=generator,
+                                policy_temperature=policy_temperature)
 
-    def _run_stages(self, input_ids, attention_mask, num_stages, order, temperature=1.0, top_k=None, top_p=None,
-                    guidance_scale=1.0, negative_input_ids=None, negative_attention_mask=None, num_images_per_prompt=1,
-                    generator=None, max_replacements=None, callback_on_stage_end=None, init_codes=None,
-                    keep_mask=None, return_stages=False, policy_temperature=None) -> "PDMGenerateOutput":
-        """The stage loop of `generate` and `rollout` (arguments checked by them)."""
-        device, num_tokens = self.device, self.config.num_image_tokens
+    def _run_stages(self, input_ids, attention_mask, run_config: PDMGenerationConfig, negative_input_ids=None,
+                    negative_attention_mask=None, num_images_per_prompt=1, generator=None, callback_on_stage_end=None,
+                    init_codes=None, keep_mask=None, return_stages=False, policy_temperature=None
+                    ) -> "PDMGenerateOutput":
+        """The stage loop of `generate` and `rollout` (`run_config` resolved and checked by them)."""
         batch_size, text_key_values, text_mask = self._prepare_text(
-            input_ids, attention_mask, guidance_scale, negative_input_ids, negative_attention_mask,
+            input_ids, attention_mask, run_config.guidance_scale, negative_input_ids, negative_attention_mask,
             num_images_per_prompt, generator,
         )
         codes, keep = self._initial_codes(init_codes, keep_mask, input_ids.shape[0], num_images_per_prompt)
-        to_fill = codes == self.config.mask_token_id
-        fixed_ranks = None
-        if is_fixed_order(order):
-            scores = order_scores(order, batch_size, num_tokens, generator=generator, device=device)
-            # Only the positions to fill are ranked (the others rank last); with nothing given that is all of them.
-            fixed_ranks = scores_to_ranks(scores.masked_fill(~to_fill, float("inf")))
-        cumulative = fill_schedule(to_fill.sum(-1), num_stages)
-        limit = num_tokens if max_replacements is None else max_replacements
-
-        explore = policy_temperature is not None
-        stages, replaced, log_prob = [], [], torch.zeros(batch_size, device=device) if explore else None
-        for stage in range(num_stages):
-            codes, replace, stage_log_prob = self._stage_step(
-                codes, keep, stage, cumulative, limit, fixed_ranks, text_key_values, text_mask, guidance_scale,
-                temperature, top_k, top_p, generator, policy_temperature,
-            )
-            replaced.append(replace.sum(-1))
-            if return_stages:
-                stages.append(codes)
-            if explore:
-                log_prob = log_prob + stage_log_prob
+        run = StageRun(run_config, codes, keep, self.config.mask_token_id, generator, policy_temperature,
+                       keep_stages=return_stages)
+        decoder_pass = self._generation_step_fn()
+        for stage in range(run.num_stages):
+            run.step(stage, *decoder_pass(run.decoder_input(), text_key_values, text_mask))
             if callback_on_stage_end is not None:
-                callback_on_stage_end(stage, codes)
-        return PDMGenerateOutput(codes=codes, stages=torch.stack(stages, dim=1) if return_stages else None,
-                                 replaced=torch.stack(replaced, 1), log_prob=log_prob)
+                new_codes = callback_on_stage_end(stage, run.codes)
+                if new_codes is not None and new_codes is not run.codes:
+                    run.set_codes(new_codes)
+        return PDMGenerateOutput(codes=run.codes, stages=torch.stack(run.stages, dim=1) if return_stages else None,
+                                 replaced=torch.stack(run.replaced, 1), log_prob=run.log_prob)
 
     def _initial_codes(self, init_codes, keep_mask, num_prompts, num_images_per_prompt):
         """(codes, keep) of shape (batch, L) that the first stage starts from: all `[MASK]` and nothing kept, or
@@ -671,41 +712,6 @@ class PDMForTextToImage(PDMPreTrainedModel):
         if codes.shape[0] != batch_size:
             codes, keep = (x.repeat_interleave(num_images_per_prompt, 0) for x in (codes, keep))
         return codes.long().clone(), keep
-
-    def _stage_step(self, codes, keep, stage, cumulative, limit, fixed_ranks, text_key_values, text_mask,
-                    guidance_scale, temperature, top_k, top_p, generator, policy_temperature=None):
-        """One stage: Y^t -> Y^{t+1}, the (batch, L) positions it replaced and, with a `policy_temperature`
-        (`rollout`), the (batch,) log-probability of its position choices.
-
-        The decoder pass keeps the same shapes at every stage (one compiled graph serves them all); guidance and
-        sampling then work on the positions this stage writes only, not on all (batch, L, K) logits.
-        """
-        use_guidance = guidance_scale != 1.0
-        decoder_input = torch.cat([codes, codes]) if use_guidance else codes
-        token_logits, state_logits = self._generation_step_fn()(decoder_input, text_key_values, text_mask)
-        if use_guidance:
-            state_logits = state_logits.chunk(2)[0]
-
-        masked = codes == self.config.mask_token_id
-        before, after = cumulative[:, stage, None], cumulative[:, stage + 1, None]  # (batch, 1) each
-        fixed_generate = None if fixed_ranks is None else (fixed_ranks >= before) & (fixed_ranks < after)
-        # Bound of section 3.1: no more replacements than codes generated in the stage before.
-        num_replace = torch.clamp(before - cumulative[:, max(stage - 1, 0), None], max=limit)
-        generate, replace, log_prob = choose_stage_positions(
-            state_logits, masked, ~masked & ~keep, after - before, num_replace, fixed_generate, policy_temperature,
-            generator)
-
-        with torch.no_grad():
-            rows, positions = (generate | replace).nonzero(as_tuple=True)  # example order, as `sample_codes_at` needs
-            if use_guidance:
-                cond, uncond = token_logits.chunk(2)
-                chosen_logits = guidance_mix(cond[rows, positions], uncond[rows, positions], guidance_scale)
-            else:
-                chosen_logits = token_logits[rows, positions]
-            codes = codes.clone()  # the codes of the stage before stay as they were (`return_stages` keeps them)
-            codes[rows, positions] = sample_codes_at(chosen_logits, rows, codes.shape[0], temperature, top_k, top_p,
-                                                     generator)
-        return codes, replace, log_prob
 
 
 # Register with the Auto classes when imported as part of the package. A copy saved beside a model and loaded with

@@ -30,7 +30,9 @@ from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_
 from huggingface_hub import create_repo, snapshot_download
 from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
-OUTPUT_TYPES = ("pil", "np", "pt", "codes")
+# "latent" is diffusers' name for output that is not decoded: here the codes (batch, L); "codes" says the same.
+OUTPUT_TYPES = ("pil", "np", "pt", "latent", "codes")
+UNDECODED = ("latent", "codes")
 MAX_PROMPT_TOKENS = 256
 # Arguments of `from_pretrained` that say where and how to download a Hub repository.
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
@@ -45,9 +47,9 @@ class PDMPipelineOutput(BaseOutput):
 
     Args:
         images: `list[PIL.Image]`, a numpy array (batch, H, W, 3) in [0, 1], a torch tensor (batch, 3, H, W) in
-            [0, 1], or codes (batch, L), as `output_type` asked.
+            [0, 1], or codes (batch, L) (`"latent"` / `"codes"`), as `output_type` asked.
         stages: with `return_stages=True`, the image after each stage in the same type (not yet generated cells
-            are grey), as a list with one entry per stage; for `output_type="codes"` a tensor (batch, T, L).
+            are grey), as a list with one entry per stage; for undecoded output a tensor (batch, T, L).
     """
 
     images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
@@ -79,7 +81,8 @@ class PDMPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "model->vqvae"
-    _callback_tensor_inputs = ["codes"]
+    # The codes after a stage, under diffusers' name for what the loop carries ("latents") and under their own.
+    _callback_tensor_inputs = ["latents", "codes"]
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, vqvae: VQModel):
         super().__init__()
@@ -213,13 +216,21 @@ class PDMPipeline(DiffusionPipeline):
         """The number of stages of the current or last call."""
         return self._num_timesteps
 
-    def check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale, output_type,
-                     callback_on_step_end_tensor_inputs):
-        """The pipeline's own arguments, before any work. The model's sampling arguments (guidance_scale, temperature,
-        top_k, top_p, order, num_images_per_prompt, the number of generators) are checked once, by `generate`."""
+    def check_inputs(self, prompt, negative_prompt, output_type, callback_on_step_end_tensor_inputs,
+                     num_inference_steps=None, **run_kwargs):
+        """(prompts as a list, the generation run's arguments) before any work: the pipeline's own arguments are
+        checked here, the run's (`num_inference_steps` and the `PDMGenerationConfig` fields: guidance_scale,
+        temperature, ...) by the model's generation config, starting from the model's saved defaults."""
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        try:
+            run = self.model.run_config(num_stages=num_inference_steps, **run_kwargs)
+        except ValueError as error:  # the model's error names the stages by its own name: use the pipeline's
+            if getattr(error, "argument", None) == "num_stages":
+                error.argument, error.args = "num_inference_steps", (str(error).replace("num_stages",
+                                                                                        "num_inference_steps", 1),)
+            raise
         if negative_prompt is not None:
             negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
             if not isinstance(negatives, (list, tuple)) or len(negatives) not in (1, len(prompts)):
@@ -227,13 +238,9 @@ class PDMPipeline(DiffusionPipeline):
                     f"negative_prompt must be a string or a list of {len(prompts)} strings (one per prompt), "
                     f"got {len(negatives) if isinstance(negatives, (list, tuple)) else negatives!r}"
                 )
-            if guidance_scale == 1.0:
+            if run.guidance_scale == 1.0:
                 logger.warning("negative_prompt is ignored at guidance_scale 1.0 (no guidance): pass "
                                "guidance_scale > 1 to guide away from it")
-        num_tokens = self.model.config.num_image_tokens
-        if num_inference_steps is not None and (not isinstance(num_inference_steps, int)
-                                                or not 1 <= num_inference_steps <= num_tokens):
-            raise ValueError(f"num_inference_steps must be an integer between 1 and {num_tokens}, got {num_inference_steps!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         tensor_inputs = callback_on_step_end_tensor_inputs or []
@@ -242,7 +249,7 @@ class PDMPipeline(DiffusionPipeline):
             raise ValueError(
                 f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}, got {unknown}"
             )
-        return list(prompts)
+        return list(prompts), run
 
     def encode_prompt(self, prompts: List[str]):
         """Token ids and attention mask (batch, S) of the prompts, on the execution device; the model runs the text
@@ -298,11 +305,11 @@ class PDMPipeline(DiffusionPipeline):
         return images
 
     def _format(self, codes: torch.Tensor, output_type: str):
-        if output_type == "codes":
+        if output_type in UNDECODED:
             return codes
         return self.image_processor.postprocess(self.decode_codes(codes), output_type=output_type)
 
-    def encode_negative_prompt(self, negative_prompt, guidance_scale):
+    def encode_negative_prompt(self, negative_prompt, guidance_scale: float):
         """Token ids and mask of the negative prompt(s), or (None, None) where none is given or there is no guidance
         to use it (`check_inputs` warns about the latter)."""
         if negative_prompt is None or guidance_scale == 1.0:
@@ -311,35 +318,40 @@ class PDMPipeline(DiffusionPipeline):
 
     def format_result(self, result, return_stages: bool, output_type: str):
         """(codes, images, stages) of what `run_stages` returned: the final codes, them as `output_type`, and with
-        `return_stages` the image after every stage (a (batch, T, L) tensor for `output_type="codes"`)."""
+        `return_stages` the image after every stage (a (batch, T, L) tensor for undecoded output)."""
         codes, stages = (result.codes, result.stages) if return_stages else (result, None)
-        if stages is not None and output_type != "codes":
+        if stages is not None and output_type not in UNDECODED:
             stages = [self._format(stages[:, t], output_type) for t in range(stages.shape[1])]
         return codes, self._format(codes, output_type), stages
 
-    def run_stages(self, input_ids, attention_mask, num_inference_steps, callback_on_step_end=None,
-                   callback_on_step_end_tensor_inputs=("codes",), callback_on_stage_end=None, **generate_kwargs):
-        """The model's `generate` over `num_inference_steps` stages, with the progress bar and the callbacks of
-        `__call__`; `generate_kwargs` go to `generate` as they are (`init_codes` and `keep_mask` when editing)."""
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
+    def run_stages(self, input_ids, attention_mask, run, negative_prompt=None, callback_on_step_end=None,
+                   callback_on_step_end_tensor_inputs=("latents", "codes"), callback_on_stage_end=None, **generate_kwargs):
+        """The model's `generate` for the resolved generation arguments `run` (from `check_inputs`), with the progress
+        bar and the callbacks of `__call__`; `generate_kwargs` go to `generate` as they are (`generator`,
+        `num_images_per_prompt`, `return_stages`; `init_codes` and `keep_mask` when editing)."""
+        self._guidance_scale = run.guidance_scale
+        self._num_timesteps = run.num_stages
+        negative_ids, negative_mask = self.encode_negative_prompt(negative_prompt, run.guidance_scale)
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        with self.progress_bar(total=run.num_stages) as progress_bar:
 
             def on_stage_end(stage, codes):
                 if callback_on_step_end is not None:
-                    tensors = {"codes": codes}
-                    callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, stage, stage, callback_kwargs)
-                    new_codes = callback_outputs.pop("codes", codes)
-                    if new_codes is not codes:
-                        codes.copy_(new_codes)  # in place: `generate` goes on from this tensor
+                    callback_kwargs = {name: codes for name in callback_on_step_end_tensor_inputs or ()}
+                    callback_outputs = callback_on_step_end(self, stage, stage, callback_kwargs) or {}
+                    # New codes under either name are where the next stage starts from.
+                    codes = callback_outputs.get("latents", callback_outputs.get("codes", codes))
                 if callback_on_stage_end is not None:
                     callback_on_stage_end(self, stage, codes)
                 progress_bar.update()
+                return codes
 
             # `generate` runs the model's submodules, not its `forward`, which is what an offload hook wraps: run it
             # through the hook as `VQModel.decode` is, so `enable_model_cpu_offload` moves the model first.
             return apply_forward_hook(type(self.model).generate)(
-                self.model, input_ids, attention_mask, num_stages=num_inference_steps,
-                callback_on_stage_end=on_stage_end, **generate_kwargs,
+                self.model, input_ids, attention_mask, generation_config=run, negative_input_ids=negative_ids,
+                negative_attention_mask=negative_mask, callback_on_stage_end=on_stage_end, **generate_kwargs,
             )
 
     @torch.no_grad()
@@ -348,8 +360,9 @@ class PDMPipeline(DiffusionPipeline):
         prompt: Union[str, List[str]],
         negative_prompt: Optional[Union[str, List[str]]] = None,
         num_inference_steps: Optional[int] = None,
-        guidance_scale: float = 1.0,
-        temperature: float = 1.0,
+        guidance_scale: Optional[float] = None,
+        guidance_schedule: Optional[str] = None,
+        temperature: Optional[float] = None,
         top_k: Optional[int] = None,
         top_p: Optional[float] = None,
         order: Optional[str] = None,
@@ -364,58 +377,58 @@ class PDMPipeline(DiffusionPipeline):
             Union[Callable[[DiffusionPipeline, int, int, Dict[str, Any]], Dict[str, Any]], PipelineCallback,
                   MultiPipelineCallbacks]
         ] = None,
-        callback_on_step_end_tensor_inputs: List[str] = ["codes"],
+        callback_on_step_end_tensor_inputs: List[str] = ["latents", "codes"],
     ):
         """Generate images for `prompt`.
+
+        The generation run's arguments (`num_inference_steps` to `max_replacements`) default to the model's saved
+        defaults (`pipe.model.generation_config`, `model/generation_config.json`); None keeps the default.
 
         Args:
             prompt: one prompt or a list.
             negative_prompt: the unconditional prompt of guidance (one, or one per prompt); default the empty one.
-            num_inference_steps: the number of stages T, 1..L; defaults to the model's `num_stages`.
-            guidance_scale: classifier-free guidance; 1.0 is plain conditional sampling.
+            num_inference_steps: the number of stages T, 1..L.
+            guidance_scale: classifier-free guidance; 1.0 is plain conditional sampling. `guidance_schedule`
+                `"linear"` rises from 1 at the first stage to `guidance_scale` at the last.
             temperature, top_k, top_p: sampling of the codes.
-            order: positions rule; defaults to the order the model was trained on.
+            order: positions rule; by default the order the model was trained on.
             max_replacements: cap on error-recovering replacements per stage (0 = off).
             generator: a `torch.Generator` or one per image, for reproducible images.
             num_images_per_prompt: images for every prompt.
-            output_type: `"pil"`, `"np"`, `"pt"` or `"codes"`.
+            output_type: `"pil"`, `"np"`, `"pt"`, or `"latent"` (also `"codes"`): the codes (batch, L), not decoded.
             return_stages: also return the images after every stage (figure 1 of the paper).
             callback_on_stage_end: deprecated, use `callback_on_step_end`; called as `fn(pipeline, stage, codes)`.
             return_dict: return a [`PDMPipelineOutput`] rather than a tuple.
             callback_on_step_end: called after every stage as `fn(pipeline, stage, stage, callback_kwargs)`, as in
                 diffusers (PDM has no noise timesteps: the step and the "timestep" are both the stage index 0..T-1);
-                `callback_kwargs` holds the tensors named in `callback_on_step_end_tensor_inputs`, here `codes`
-                (batch, L) with `[MASK]` where nothing is generated yet. It returns a dict; `codes` in it (same shape)
-                replace the codes the next stage starts from. A `PipelineCallback` works too.
+                `callback_kwargs` holds the tensors named in `callback_on_step_end_tensor_inputs`: the codes
+                (batch, L), `[MASK]` where nothing is generated yet, as `latents` (diffusers' name) or `codes`. It
+                returns a dict; new codes in it (same shape, under either name) are what the next stage starts from.
+                A `PipelineCallback` works too.
             callback_on_step_end_tensor_inputs: the tensors passed to `callback_on_step_end`, among
                 `_callback_tensor_inputs`.
 
         Returns:
             [`PDMPipelineOutput`], or a tuple `(images,)` / `(images, stages)` when `return_dict=False`.
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if callback_on_stage_end is not None:
             warnings.warn(
                 "`callback_on_stage_end` is deprecated and will be removed: pass `callback_on_step_end`, called as "
-                "`fn(pipeline, stage, stage, {'codes': codes})`",
+                "`fn(pipeline, stage, stage, {'latents': codes})`",
                 FutureWarning,
                 stacklevel=2,
             )
-        num_inference_steps = self.model.config.num_stages if num_inference_steps is None else num_inference_steps
-        prompts = self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, output_type,
-                                    callback_on_step_end_tensor_inputs)
-        self._guidance_scale = guidance_scale
-        self._num_timesteps = num_inference_steps
-
+        prompts, run = self.check_inputs(
+            prompt, negative_prompt, output_type, callback_on_step_end_tensor_inputs,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            guidance_schedule=guidance_schedule, temperature=temperature, top_k=top_k, top_p=top_p, order=order,
+            max_replacements=max_replacements,
+        )
         input_ids, attention_mask = self.encode_prompt(prompts)
-        negative_ids, negative_mask = self.encode_negative_prompt(negative_prompt, guidance_scale)
         result = self.run_stages(
-            input_ids, attention_mask, num_inference_steps, callback_on_step_end, callback_on_step_end_tensor_inputs,
-            callback_on_stage_end=callback_on_stage_end, order=order, temperature=temperature, top_k=top_k,
-            top_p=top_p, guidance_scale=guidance_scale, negative_input_ids=negative_ids,
-            negative_attention_mask=negative_mask, num_images_per_prompt=num_images_per_prompt, generator=generator,
-            return_stages=return_stages, max_replacements=max_replacements,
+            input_ids, attention_mask, run, negative_prompt, callback_on_step_end, callback_on_step_end_tensor_inputs,
+            callback_on_stage_end=callback_on_stage_end, num_images_per_prompt=num_images_per_prompt,
+            generator=generator, return_stages=return_stages,
         )
         _, images, stages = self.format_result(result, return_stages, output_type)
         self.maybe_free_model_hooks()

@@ -16,8 +16,9 @@ pipelines do not resize. These classes need the package (they are not copied bes
 any PDM pipeline folder: `PDMInpaintPipeline.from_pretrained(folder)` or `PDMInpaintPipeline.from_pipe(pipe)`.
 """
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -28,6 +29,7 @@ from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.utils import BaseOutput
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .configuration_pdm import ArgumentError
 from .ordering import scores_to_ranks
 from .pipeline_pdm import PDMPipeline
 from .sampling import replace_margin
@@ -104,18 +106,18 @@ class PDMEditPipeline(PDMPipeline):
         kinds = (PIL.Image.Image, np.ndarray, torch.Tensor)
         items = value if isinstance(value, list) else [value]
         if not items or not all(isinstance(item, kinds) for item in items):
-            raise ValueError(f"{name} must be a PIL image, a numpy array, a torch tensor or a list of them, "
-                             f"got {type(value).__name__}")
+            raise ArgumentError(name, f"{name} must be a PIL image, a numpy array, a torch tensor or a list "
+                                                f"of them, got {type(value).__name__}")
         try:
             tensor = processor.preprocess(value)
         except Exception as error:  # diffusers raises several kinds; name the argument
-            raise ValueError(f"{name} could not be read as an image: {error}") from error
+            raise ArgumentError(name, f"{name} could not be read as an image: {error}") from error
         if tuple(tensor.shape[-2:]) != self.image_size:
-            raise ValueError(f"{name} must be {self.image_size[0]}x{self.image_size[1]} pixels (height x width) for "
-                             f"this model, got {tensor.shape[-2]}x{tensor.shape[-1]}")
+            raise ArgumentError(name, f"{name} must be {self.image_size[0]}x{self.image_size[1]} pixels "
+                                                f"(height x width) for this model, got {tensor.shape[-2]}x{tensor.shape[-1]}")
         if tensor.shape[0] not in (1, num_prompts):
-            raise ValueError(f"{name} holds {tensor.shape[0]} images for {num_prompts} prompts: pass one, or one per "
-                             "prompt")
+            raise ArgumentError(name, f"{name} holds {tensor.shape[0]} images for {num_prompts} prompts: "
+                                                "pass one, or one per prompt")
         return tensor.expand(num_prompts, *tensor.shape[1:])
 
     @torch.no_grad()
@@ -137,35 +139,25 @@ class PDMEditPipeline(PDMPipeline):
         state_logits = self.model(input_ids=input_ids, attention_mask=attention_mask, image_tokens=codes).state_logits
         return replace_margin(state_logits)
 
-    def edit(
-        self,
-        codes: torch.LongTensor,
-        edit_mask: torch.BoolTensor,
-        keep_mask: Optional[torch.BoolTensor],
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        num_inference_steps: Optional[int],
-        negative_prompt,
-        output_type: str,
-        return_stages: bool,
-        return_dict: bool,
-        callback_on_step_end,
-        callback_on_step_end_tensor_inputs,
-        **generate_kwargs,
-    ):
-        """Regenerate the codes of `edit_mask` (num_prompts, L) of `codes` in stages, never writing `keep_mask`, and
-        format the result. The stages are `num_inference_steps` (default the model's), fewer when fewer codes are open:
-        a stage that would fill nothing is skipped."""
-        num_stages = self.model.config.num_stages if num_inference_steps is None else num_inference_steps
-        num_stages = max(1, min(num_stages, int(edit_mask.sum(-1).max())))
-        self._guidance_scale = generate_kwargs.get("guidance_scale", 1.0)
-        self._num_timesteps = num_stages
-        negative_ids, negative_mask = self.encode_negative_prompt(negative_prompt, self._guidance_scale)
-        init_codes = codes.masked_fill(edit_mask, self.model.config.mask_token_id)
+    def edit(self, prompt, image, open_codes, negative_prompt=None, generator=None, num_images_per_prompt=1,
+             output_type="pil", return_stages=False, return_dict=True, callback_on_step_end=None,
+             callback_on_step_end_tensor_inputs=("latents", "codes"), **run_kwargs):
+        """What the editing pipelines share: check the arguments, read the image's codes, let `open_codes(codes,
+        input_ids, attention_mask, num_stages)` choose `(edit_mask, keep_mask, num_stages)` (the (num_prompts, L) codes
+        to regenerate, those never to write or None, the stages), then regenerate the opened codes in stages and
+        format the result. The stages are never more than the codes opened: a stage that would fill nothing is
+        skipped. `run_kwargs` are the generation run's arguments of [`PDMPipeline.__call__`] (`num_inference_steps`,
+        `guidance_scale`, `temperature`, ...)."""
+        prompts, run = self.check_inputs(prompt, negative_prompt, output_type, callback_on_step_end_tensor_inputs,
+                                         **run_kwargs)
+        codes = self.encode_image(image, len(prompts))
+        input_ids, attention_mask = self.encode_prompt(prompts)
+        edit_mask, keep_mask, num_stages = open_codes(codes, input_ids, attention_mask, run.num_stages)
+        run = dataclasses.replace(run, num_stages=max(1, min(num_stages, int(edit_mask.sum(-1).max()))))
         result = self.run_stages(
-            input_ids, attention_mask, num_stages, callback_on_step_end, callback_on_step_end_tensor_inputs,
-            init_codes=init_codes, keep_mask=keep_mask, negative_input_ids=negative_ids,
-            negative_attention_mask=negative_mask, return_stages=return_stages, **generate_kwargs,
+            input_ids, attention_mask, run, negative_prompt, callback_on_step_end, callback_on_step_end_tensor_inputs,
+            init_codes=codes.masked_fill(edit_mask, self.model.config.mask_token_id), keep_mask=keep_mask,
+            generator=generator, num_images_per_prompt=num_images_per_prompt, return_stages=return_stages,
         )
         new_codes, images, stages = self.format_result(result, return_stages, output_type)
         repeats = new_codes.shape[0] // codes.shape[0]  # num_images_per_prompt
@@ -184,27 +176,8 @@ class PDMInpaintPipeline(PDMEditPipeline):
     white. Inside the region, codes generated at one stage may be replaced at a later one (section 3.3)."""
 
     @torch.no_grad()
-    def __call__(
-        self,
-        prompt: Union[str, List[str]],
-        image: PipelineImageInput,
-        mask_image: PipelineImageInput,
-        negative_prompt: Optional[Union[str, List[str]]] = None,
-        num_inference_steps: Optional[int] = None,
-        guidance_scale: float = 1.0,
-        temperature: float = 1.0,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
-        order: Optional[str] = None,
-        max_replacements: Optional[int] = None,
-        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
-        num_images_per_prompt: int = 1,
-        output_type: str = "pil",
-        return_stages: bool = False,
-        return_dict: bool = True,
-        callback_on_step_end: Optional[Callable[..., Dict[str, Any]]] = None,
-        callback_on_step_end_tensor_inputs: List[str] = ["codes"],
-    ):
+    def __call__(self, prompt: Union[str, List[str]], image: PipelineImageInput, mask_image: PipelineImageInput,
+                 **kwargs):
         """Regenerate the masked part of `image` for `prompt`.
 
         Args:
@@ -212,25 +185,20 @@ class PDMInpaintPipeline(PDMEditPipeline):
             image: the image to edit (PIL, numpy in [0, 1] or torch in [-1, 1]), one or one per prompt, of the size the
                 model makes (`image_size`).
             mask_image: same size; white (> 0.5) where to regenerate.
-            num_inference_steps: stages T (default the model's `num_stages`; at most the number of codes to fill).
-            max_replacements: cap on the codes replaced per stage inside the region (0: error recovering off).
-            The other arguments are those of [`PDMPipeline.__call__`].
+            kwargs: the arguments of [`PDMPipeline.__call__`] (`negative_prompt`, `num_inference_steps`,
+                `guidance_scale`, `temperature`, `generator`, `output_type`, ...). The stages are at most the number of
+                codes to fill; `max_replacements` caps the codes replaced per stage inside the region (0: error
+                recovering off).
 
         Returns:
             [`PDMEditPipelineOutput`] (`images`, `stages`, `edit_mask`, `changed`), or a tuple
             `(images, edit_mask, changed)` when `return_dict=False`.
         """
-        prompts = self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, output_type,
-                                    callback_on_step_end_tensor_inputs)
-        codes = self.encode_image(image, len(prompts))
-        edit_mask = self.mask_to_codes(mask_image, len(prompts))
-        input_ids, attention_mask = self.encode_prompt(prompts)
-        return self.edit(
-            codes, edit_mask, ~edit_mask, input_ids, attention_mask, num_inference_steps, negative_prompt,
-            output_type, return_stages, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs,
-            guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p, order=order,
-            max_replacements=max_replacements, generator=generator, num_images_per_prompt=num_images_per_prompt,
-        )
+        def open_codes(codes, input_ids, attention_mask, num_stages):
+            edit_mask = self.mask_to_codes(mask_image, codes.shape[0])
+            return edit_mask, ~edit_mask, num_stages
+
+        return self.edit(prompt, image, open_codes, **kwargs)
 
 
 class PDMImg2ImgPipeline(PDMEditPipeline):
@@ -244,27 +212,7 @@ class PDMImg2ImgPipeline(PDMEditPipeline):
     """
 
     @torch.no_grad()
-    def __call__(
-        self,
-        prompt: Union[str, List[str]],
-        image: PipelineImageInput,
-        strength: float = 0.5,
-        negative_prompt: Optional[Union[str, List[str]]] = None,
-        num_inference_steps: Optional[int] = None,
-        guidance_scale: float = 1.0,
-        temperature: float = 1.0,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
-        order: Optional[str] = None,
-        max_replacements: Optional[int] = None,
-        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
-        num_images_per_prompt: int = 1,
-        output_type: str = "pil",
-        return_stages: bool = False,
-        return_dict: bool = True,
-        callback_on_step_end: Optional[Callable[..., Dict[str, Any]]] = None,
-        callback_on_step_end_tensor_inputs: List[str] = ["codes"],
-    ):
+    def __call__(self, prompt: Union[str, List[str]], image: PipelineImageInput, strength: float = 0.5, **kwargs):
         """Regenerate a share `strength` of `image`'s codes for `prompt`.
 
         Args:
@@ -272,30 +220,22 @@ class PDMImg2ImgPipeline(PDMEditPipeline):
             image: the starting image, one or one per prompt, of the size the model makes.
             strength: in [0, 1]: the share of codes regenerated (0 returns the image's VQ reconstruction, 1 draws
                 a new image).
-            num_inference_steps: T of a full generation (default the model's `num_stages`); `ceil(T * strength)` run.
-            max_replacements: cap on the codes replaced per stage (0: the codes not opened stay as they are).
-            The other arguments are those of [`PDMPipeline.__call__`].
+            kwargs: the arguments of [`PDMPipeline.__call__`]; `num_inference_steps` is T of a full generation, of
+                which `ceil(T * strength)` run; `max_replacements=0` keeps the codes not opened as they are.
 
         Returns:
             [`PDMEditPipelineOutput`], or a tuple `(images, edit_mask, changed)` when `return_dict=False`.
         """
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
-            raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
-        prompts = self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, output_type,
-                                    callback_on_step_end_tensor_inputs)
-        codes = self.encode_image(image, len(prompts))
-        input_ids, attention_mask = self.encode_prompt(prompts)
-        num_open = round(strength * codes.shape[1])
-        margin = self.replace_margin(input_ids, attention_mask, codes)
-        edit_mask = scores_to_ranks(-margin) < num_open  # the least trusted first, ties in position order
-        num_stages = self.model.config.num_stages if num_inference_steps is None else num_inference_steps
-        num_stages = max(1, -(-num_stages * num_open // codes.shape[1]))  # ceil(T * strength) on the code count
-        return self.edit(
-            codes, edit_mask, None, input_ids, attention_mask, num_stages, negative_prompt, output_type,
-            return_stages, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs,
-            guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p, order=order,
-            max_replacements=max_replacements, generator=generator, num_images_per_prompt=num_images_per_prompt,
-        )
+            raise ArgumentError("strength", f"strength must be a number in [0, 1], got {strength!r}")
+
+        def open_codes(codes, input_ids, attention_mask, num_stages):
+            num_open = round(strength * codes.shape[1])
+            margin = self.replace_margin(input_ids, attention_mask, codes)
+            edit_mask = scores_to_ranks(-margin) < num_open  # the least trusted first, ties in position order
+            return edit_mask, None, max(1, -(-num_stages * num_open // codes.shape[1]))  # ceil(T * strength)
+
+        return self.edit(prompt, image, open_codes, **kwargs)
 
 
 class PDMRevisePipeline(PDMEditPipeline):
@@ -314,29 +254,9 @@ class PDMRevisePipeline(PDMEditPipeline):
     """
 
     @torch.no_grad()
-    def __call__(
-        self,
-        prompt: Union[str, List[str]],
-        image: PipelineImageInput,
-        mask_image: Optional[PipelineImageInput] = None,
-        threshold: Optional[float] = None,
-        max_edits: Optional[int] = None,
-        negative_prompt: Optional[Union[str, List[str]]] = None,
-        num_inference_steps: Optional[int] = None,
-        guidance_scale: float = 1.0,
-        temperature: float = 1.0,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
-        order: Optional[str] = None,
-        max_replacements: Optional[int] = None,
-        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
-        num_images_per_prompt: int = 1,
-        output_type: str = "pil",
-        return_stages: bool = False,
-        return_dict: bool = True,
-        callback_on_step_end: Optional[Callable[..., Dict[str, Any]]] = None,
-        callback_on_step_end_tensor_inputs: List[str] = ["codes"],
-    ):
+    def __call__(self, prompt: Union[str, List[str]], image: PipelineImageInput,
+                 mask_image: Optional[PipelineImageInput] = None, threshold: Optional[float] = None,
+                 max_edits: Optional[int] = None, **kwargs):
         """Rewrite the codes of `image` that the model finds wrong for `prompt`.
 
         Args:
@@ -346,37 +266,32 @@ class PDMRevisePipeline(PDMEditPipeline):
             threshold: None: open the upper group of a two-group split of the margins; a number: open the codes whose
                 margin log p(replace) - log p(keep) exceeds it (0: the paper's replace decision).
             max_edits: at most this many codes opened at the start, the most confident first (default: no cap).
-            num_inference_steps: stages T (default the model's `num_stages`; at most the number of codes opened).
-            max_replacements: cap on the codes replaced per stage inside the region (0: only the opened codes change).
-            The other arguments are those of [`PDMPipeline.__call__`].
+            kwargs: the arguments of [`PDMPipeline.__call__`]; the stages are at most the number of codes opened, and
+                `max_replacements` caps the codes replaced per stage inside the region (0: only the opened codes
+                change).
 
         Returns:
             [`PDMEditPipelineOutput`]: `changed` counts the codes that differ from the image's; `edit_mask` holds the
             codes opened at the start. With nothing found wrong the image comes back as its VQ reconstruction.
         """
         if max_edits is not None and (isinstance(max_edits, bool) or not isinstance(max_edits, int) or max_edits < 0):
-            raise ValueError(f"max_edits must be None or an integer >= 0, got {max_edits!r}")
+            raise ArgumentError("max_edits", f"max_edits must be None or an integer >= 0, got {max_edits!r}")
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                       or not np.isfinite(threshold)):
-            raise ValueError(f"threshold must be None or a finite number, got {threshold!r}")
-        prompts = self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, output_type,
-                                    callback_on_step_end_tensor_inputs)
-        codes = self.encode_image(image, len(prompts))
-        region = torch.ones_like(codes, dtype=torch.bool)
-        if mask_image is not None:
-            region = self.mask_to_codes(mask_image, len(prompts))
-        input_ids, attention_mask = self.encode_prompt(prompts)
-        margin = self.replace_margin(input_ids, attention_mask, codes).masked_fill(~region, float("-inf"))
-        if threshold is None:
-            cuts = torch.stack([two_class_split(row[inside]) for row, inside in zip(margin, region)])
-        else:
-            cuts = torch.full((margin.shape[0],), float(threshold), device=margin.device)
-        edit_mask = margin > cuts.to(margin.device).unsqueeze(1)
-        if max_edits is not None:
-            edit_mask &= scores_to_ranks(-margin) < max_edits
-        return self.edit(
-            codes, edit_mask, ~region, input_ids, attention_mask, num_inference_steps, negative_prompt,
-            output_type, return_stages, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs,
-            guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p, order=order,
-            max_replacements=max_replacements, generator=generator, num_images_per_prompt=num_images_per_prompt,
-        )
+            raise ArgumentError("threshold", f"threshold must be None or a finite number, got {threshold!r}")
+
+        def open_codes(codes, input_ids, attention_mask, num_stages):
+            region = torch.ones_like(codes, dtype=torch.bool)
+            if mask_image is not None:
+                region = self.mask_to_codes(mask_image, codes.shape[0])
+            margin = self.replace_margin(input_ids, attention_mask, codes).masked_fill(~region, float("-inf"))
+            if threshold is None:
+                cuts = torch.stack([two_class_split(row[inside]) for row, inside in zip(margin, region)])
+            else:
+                cuts = torch.full((margin.shape[0],), float(threshold), device=margin.device)
+            edit_mask = margin > cuts.to(margin.device).unsqueeze(1)
+            if max_edits is not None:
+                edit_mask &= scores_to_ranks(-margin) < max_edits
+            return edit_mask, ~region, num_stages
+
+        return self.edit(prompt, image, open_codes, **kwargs)

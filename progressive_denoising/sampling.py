@@ -10,6 +10,9 @@ sampling reaches all three.
 - Positions: `choose_stage_positions` picks the positions a stage fills and replaces, greedily (as `generate` does)
   or, given a `policy_temperature`, by sampling from the state head read as a policy (the action z = 1 / -1 of
   section 3.2), returning the log-probability of the draw for REINFORCE (eq. 6-7).
+- The run: `StageRun` holds one generation run's state (codes, what is kept, the stage schedule, the fixed order's
+  ranks, the settings of a `PDMGenerationConfig`, the generators) and its stage step; `generate`, `rollout` and the
+  pipelines drive it.
 
 Torch only, relative imports only: this file travels next to the model code for `trust_remote_code`.
 """
@@ -19,8 +22,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .configuration_pdm import STATE_GENERATE, STATE_KEEP, STATE_REPLACE
-from .ordering import Generators, rand, scores_to_ranks
+from .configuration_pdm import STATE_GENERATE, STATE_KEEP, STATE_REPLACE, PDMGenerationConfig
+from .ordering import Generators, fill_schedule, is_fixed_order, order_scores, rand, scores_to_ranks
 
 # ---------------------------------------------------------------------------------------------------------------
 # Codes
@@ -189,3 +192,139 @@ def choose_stage_positions(
     replace, log_prob_replace = sample_replacements(state_logits, replaceable, num_replace, generator,
                                                     policy_temperature)
     return generate, replace, log_prob + log_prob_replace
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+# MaskGIT's `choice_temperature`: the scale of the Gumbel noise on the confidence of the drawn codes at the first
+# stage of the `confidence` order, falling linearly to 0 at the last.
+CONFIDENCE_NOISE = 4.5
+
+
+class StageRun:
+    """One generation run of a PDM (section 3.1) and its stage step.
+
+    It owns the run's state: the codes (batch, L), the positions kept as given (`keep`), the stage schedule of the
+    positions to fill (`cumulative`, one row per image: an edit fills fewer), the ranks of a fixed order, the bound on
+    replacements, the settings of a resolved [`PDMGenerationConfig`] and the generators (one noise stream per image).
+    A model drives it with one decoder pass per stage:
+
+        run = StageRun(generation_config.resolved(model.config), codes, keep, model.config.mask_token_id, generator)
+        for stage in range(run.num_stages):
+            run.step(stage, *model.decode(run.decoder_input(), text_key_values, text_mask))
+        run.codes
+
+    Every stage's tensors have the same shapes (one compiled decoder graph serves the whole run). With a
+    `policy_temperature` the position choices are drawn from the state head as a policy and `log_prob` sums their
+    log-probabilities (the learned order's rollout).
+    """
+
+    def __init__(self, config: PDMGenerationConfig, codes: torch.LongTensor, keep: torch.BoolTensor,
+                 mask_token_id: int, generator: Generators = None, policy_temperature: Optional[float] = None,
+                 keep_stages: bool = False):
+        self.config, self.codes, self.keep, self.mask_token_id = config, codes, keep, mask_token_id
+        self.generator, self.policy_temperature = generator, policy_temperature
+        batch_size, num_tokens = codes.shape
+        to_fill = codes == mask_token_id
+        self.fixed_ranks = None
+        if is_fixed_order(config.order):
+            scores = order_scores(config.order, batch_size, num_tokens, generator=generator, device=codes.device)
+            # Only the positions to fill are ranked (the others rank last); with nothing given that is all of them.
+            self.fixed_ranks = scores_to_ranks(scores.masked_fill(~to_fill, float("inf")))
+        self.cumulative = fill_schedule(to_fill.sum(-1), config.num_stages)  # (batch, T + 1)
+        self.limit = num_tokens if config.max_replacements is None else config.max_replacements
+        self.replaced, self.stages = [], [] if keep_stages else None
+        self.log_prob = None if policy_temperature is None else torch.zeros(batch_size, device=codes.device)
+
+    @property
+    def num_stages(self) -> int:
+        return self.config.num_stages
+
+    @property
+    def guided(self) -> bool:
+        """Whether the decoder also reads the unconditional prompt (the rows after the conditional ones)."""
+        return self.config.guidance_scale != 1.0
+
+    def guidance_scale_at(self, stage: int) -> float:
+        """The guidance scale of `stage` (0-based) under the config's `guidance_schedule`."""
+        scale = self.config.guidance_scale
+        if self.config.guidance_schedule == "linear":
+            return 1.0 + (scale - 1.0) * stage / max(self.num_stages - 1, 1)
+        return scale
+
+    def decoder_input(self) -> torch.LongTensor:
+        """The codes the decoder reads this stage: (batch, L), or (2 * batch, L) with guidance."""
+        return torch.cat([self.codes, self.codes]) if self.guided else self.codes
+
+    def set_codes(self, codes: torch.LongTensor):
+        """Continue the run from other codes of the same shape (a pipeline callback's): they stand for the stage just
+        run, in `stages` too."""
+        if not isinstance(codes, torch.Tensor) or codes.shape != self.codes.shape:
+            raise ValueError(f"codes must be a tensor of shape {tuple(self.codes.shape)}, got "
+                             f"{tuple(getattr(codes, 'shape', ())) or type(codes).__name__}")
+        self.codes = codes.to(self.codes.device, torch.long)
+        if self.stages:
+            self.stages[-1] = self.codes
+
+    def _logits_at(self, stage: int, token_logits: torch.Tensor, rows=None, positions=None) -> torch.Tensor:
+        """The code logits this stage samples from, at (rows, positions) or everywhere: with guidance, the mix of the
+        conditional and unconditional rows at this stage's scale."""
+        index = (slice(None), slice(None)) if rows is None else (rows, positions)
+        if not self.guided:
+            return token_logits[index]
+        cond, uncond = token_logits.chunk(2)
+        return guidance_mix(cond[index], uncond[index], self.guidance_scale_at(stage))
+
+    def _most_confident(self, stage, token_logits, masked, count):
+        """MaskGIT's choice of the positions to fill: a code drawn at every position, and the `count` masked positions
+        whose draws are the most probable, ranked with Gumbel noise of scale CONFIDENCE_NOISE * (1 - (stage + 1) / T)
+        (more exploration early). Returns ((batch, L) drawn codes, (batch, L) bool chosen)."""
+        logits = filter_logits(self._logits_at(stage, token_logits).float() / self.config.temperature,
+                               self.config.top_k, self.config.top_p)
+        drawn = gumbel_argmax(logits, rand(logits.shape, self.generator, logits.device))
+        confidence = logits.log_softmax(-1).gather(-1, drawn[..., None])[..., 0]
+        uniform = rand(confidence.shape, self.generator, confidence.device).clamp(1e-20, 1 - 1e-7)
+        noise = CONFIDENCE_NOISE * (1 - (stage + 1) / self.num_stages)
+        return drawn, select_top(confidence - noise * torch.log(-torch.log(uniform)), masked, count)
+
+    def step(self, stage: int, token_logits: torch.Tensor, state_logits: torch.Tensor) -> torch.LongTensor:
+        """Y^t -> Y^{t+1}: choose the positions `stage` fills and replaces from the state head (or the fixed order),
+        sample their codes, and return the new codes (batch, L).
+
+        Guidance and sampling work on the positions this stage writes only, not on all (batch, L, K) logits.
+        """
+        if self.guided:
+            state_logits = state_logits.chunk(2)[0]
+        codes = self.codes
+        masked = codes == self.mask_token_id
+        before, after = self.cumulative[:, stage, None], self.cumulative[:, stage + 1, None]  # (batch, 1) each
+        fixed_generate = None if self.fixed_ranks is None else (self.fixed_ranks >= before) & (self.fixed_ranks < after)
+        # Bound of section 3.1: no more replacements than codes generated in the stage before.
+        num_replace = torch.clamp(before - self.cumulative[:, max(stage - 1, 0), None], max=self.limit)
+        drawn = None
+        if self.config.order == "confidence":
+            drawn, fixed_generate = self._most_confident(stage, token_logits, masked, after - before)
+        generate, replace, log_prob = choose_stage_positions(
+            state_logits, masked, ~masked & ~self.keep, after - before, num_replace, fixed_generate,
+            self.policy_temperature, self.generator)
+
+        with torch.no_grad():
+            codes = codes.clone()  # the codes of the stage before stay as they were (`stages` keeps them)
+            written = generate | replace
+            if drawn is not None:  # the fills are the draws they were chosen by
+                codes = torch.where(generate, drawn, codes)
+                written = replace
+            rows, positions = written.nonzero(as_tuple=True)  # example order, as `sample_codes_at` needs
+            codes[rows, positions] = sample_codes_at(self._logits_at(stage, token_logits, rows, positions), rows,
+                                                     codes.shape[0], self.config.temperature, self.config.top_k,
+                                                     self.config.top_p, self.generator)
+        self.codes = codes
+        self.replaced.append(replace.sum(-1))
+        if self.stages is not None:
+            self.stages.append(codes)
+        if log_prob is not None:
+            self.log_prob = self.log_prob + log_prob
+        return codes

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from progressive_denoising import PDMPipeline, sampling
-from progressive_denoising.modeling_pdm import check_generate_arguments
+from progressive_denoising.configuration_pdm import ArgumentError, PDMGenerationConfig
 from progressive_denoising.sampling import sample_codes_at
 from progressive_denoising.ordering import stage_schedule
 from progressive_denoising.text_tokenizer import unknown_words
@@ -48,18 +48,21 @@ def pipe():
 )
 def test_generate_refuses_non_finite_and_non_integer_arguments(kwargs, name):
     ids, mask = prompts()
-    with pytest.raises(ValueError, match=f"^{name} must be"):
+    with pytest.raises(ArgumentError, match=f"^{name} must be") as error:
         tiny_model().generate(ids, mask, **kwargs)
+    assert error.value.argument == name  # the name as data: callers name their own flag without reading the text
 
 
 def test_generate_checks_need_only_the_config():
-    """The checks a caller runs before loading any weights are the ones `generate` runs."""
+    """The checks a caller runs before loading any weights are the ones `generate` runs: the generation config's,
+    against the model's config."""
     config = tiny_config()
-    check_generate_arguments(config, num_stages=16, order="random", top_k=16, top_p=1.0, guidance_scale=0.0)
-    with pytest.raises(ValueError, match="num_stages"):
-        check_generate_arguments(config, num_stages=17, order="random")
-    with pytest.raises(ValueError, match="top_k"):
-        check_generate_arguments(config, num_stages=4, order="random", top_k=17)
+    PDMGenerationConfig(num_stages=16, order="random", top_k=16, top_p=1.0, guidance_scale=0.0).resolved(config)
+    with pytest.raises(ArgumentError, match="num_stages") as error:
+        PDMGenerationConfig(num_stages=17, order="random").resolved(config)
+    assert error.value.argument == "num_stages"
+    with pytest.raises(ArgumentError, match="top_k"):
+        PDMGenerationConfig(num_stages=4, order="random", top_k=17).resolved(config)
 
 
 def test_pipeline_refuses_infinite_guidance(pipe):

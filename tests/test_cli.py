@@ -52,6 +52,8 @@ def workspace(tmp_path_factory):
     shutil.rmtree(ws / "no_vqvae" / "vqvae")
     shutil.copytree(ws / "pipe", ws / "bad_config")
     (ws / "bad_config" / "model" / "config.json").write_text("{not json")
+    shutil.copytree(ws / "pipe", ws / "bad_defaults")
+    (ws / "bad_defaults" / "model" / "generation_config.json").write_text('{"temperature": 0.7, "beams": 4}')
     (ws / "empty").mkdir()
     (ws / "file.txt").write_text("not a checkpoint, config or data set\n")
     (ws / "bad.yaml").write_text("max_steps: [1\n")
@@ -113,6 +115,10 @@ BAD_INPUTS = [
      ["no_vqvae/vqvae"], None),
     ("config-corrupt", PDM, ["generate", "a", "--model", "{ws}/bad_config", "--out", "{out}/a.png"], 1,
      ["bad_config/model/config.json"], None),
+    ("generation-defaults-bad-key", PDM, ["generate", "a", "--model", "{ws}/bad_defaults", "--out", "{out}/a.png"],
+     1, ["bad_defaults/model/generation_config.json", "beams"], None),
+    ("guidance-schedule-unknown", PDM, GENERATE + ["--guidance-schedule", "cosine", "--out", "{out}/a.png"], 2,
+     ["--guidance-schedule", "cosine"], None),
     # pdm generate: outputs (checked before anything is generated, so nothing is written)
     ("stages-out-in-missing-folder", PDM, GENERATE + ["--out", "{out}/a.png", "--stages-out", "{out}/no/s.png"], 2,
      ["--stages-out", "does not exist"], None),

@@ -227,7 +227,7 @@ def test_num_images_per_prompt_and_negative_prompt(pipe):
         (dict(output_type="jpeg"), "output_type"),
         (dict(num_images_per_prompt=0), "num_images_per_prompt"),
         (dict(generator=gens(3)), "generator"),
-        (dict(callback_on_step_end_tensor_inputs=["latents"]), "callback_on_step_end_tensor_inputs"),
+        (dict(callback_on_step_end_tensor_inputs=["noise"]), "callback_on_step_end_tensor_inputs"),
     ],
 )
 def test_bad_arguments_name_the_argument(pipe, kwargs, name):

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import logging
 import os
-import re
 import sys
 import warnings
 
@@ -98,18 +97,18 @@ def exit_status(error: BaseException) -> int:
 
 @contextlib.contextmanager
 def usage_errors(flags):
-    """Turn a library's `ValueError` about one of its parameters into a `UsageError` naming the command's flag.
+    """Turn a library's error about one of its arguments into a `UsageError` naming the command's flag.
 
-    `flags` maps parameter names to flags ({"num_stages": "--steps"}); the package's checks start their messages with
-    the parameter's name ("num_stages must be ..."), which is how the parameter is recognised. Other errors pass.
+    `flags` maps argument names to flags ({"num_stages": "--steps"}); the package's argument errors carry the name as
+    data (`ArgumentError.argument`), so a reworded message still blames the right flag. Other errors pass.
     """
     try:
         yield
     except ValueError as error:
-        match = re.match(r"\s*(\w+)", str(error))
-        if isinstance(error, UsageError) or not match or match.group(1) not in flags:
+        argument = getattr(error, "argument", None)
+        if isinstance(error, UsageError) or argument not in flags:
             raise
-        raise UsageError(flags[match.group(1)], str(error)) from error
+        raise UsageError(flags[argument], str(error)) from error
 
 
 def _one_line_warning(prog):

@@ -9,6 +9,7 @@ from .base import ArgumentParser, UsageError, positive_int, run_command, usage_e
 from .files import atomic_outputs, check_input_file
 from .generate import (
     FLAGS,
+    add_generation_flags,
     check_components,
     check_model_arguments,
     check_paths as check_generate_paths,
@@ -16,6 +17,7 @@ from .generate import (
     cpu_threads,
     load_config,
     model_source,
+    run_kwargs,
     stage_strip,
     torch_threads,
 )
@@ -41,14 +43,8 @@ def build_parser(prog):
                              "group of a two-group split of the image's margins)")
     parser.add_argument("--max-edits", type=int, default=None, help="revise: at most this many codes opened")
     parser.add_argument("--model", default=None, help="pipeline folder or Hub id (default: the bundled model)")
-    parser.add_argument("--steps", type=int, default=None, help="number of stages T (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
-    parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1.0 = off)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest codes only")
-    parser.add_argument("--top-p", type=float, default=None, help="sample from the nucleus of this mass")
-    parser.add_argument("--order", default=None, help="positions rule (default: the order the model was trained on)")
-    parser.add_argument("--max-replacements", type=int, default=None, help="cap on codes replaced per stage")
+    add_generation_flags(parser)
     parser.add_argument("--num-images", type=int, default=1, help="edits of the image, saved side by side")
     parser.add_argument("--out", default="out.png", help="image file to write (default out.png)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -109,20 +105,16 @@ def run(args):
     import progressive_denoising
 
     device = choose_device(args)
-    config = load_config(args, local)
-    check_model_arguments(args, config)
+    config, generation_config = load_config(args, local)
+    check_model_arguments(args, config, generation_config)
     if local:
         check_components(model_source(args))
     with torch_threads(cpu_threads(args, device)):
         pipe = getattr(progressive_denoising, MODES[args.mode]).from_pretrained(model_source(args)).to(device)
         generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
         with usage_errors(EDIT_FLAGS):
-            output = pipe(
-                args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, order=args.order,
-                max_replacements=args.max_replacements, generator=generators, num_images_per_prompt=args.num_images,
-                **mode_kwargs(args, image, mask),
-            )
+            output = pipe(args.prompt, generator=generators, num_images_per_prompt=args.num_images,
+                          **run_kwargs(args), **mode_kwargs(args, image, mask))
     with atomic_outputs(args.out) as (temporary,):
         stage_strip(output.images, len(output.images)).save(temporary)
     changed = ", ".join(str(int(count)) for count in output.changed)

@@ -15,13 +15,43 @@ from .base import usage_errors
 from .. import BUNDLED_MODEL
 from .files import atomic_outputs, check_distinct, check_local_or_hub, check_output_file
 
-# The arguments of `PDMPipeline.__call__` / `PDMForTextToImage.generate` that this command's flags set. Their values are
-# checked once, by the model (`check_generate_arguments`), whose messages name the argument: errors name the flag.
+# The arguments of a generation run (`PDMGenerationConfig`) and of `PDMPipeline.__call__` that this command's flags
+# set. Their values are checked once, by the generation config, whose errors carry the argument's name: the flag.
 FLAGS = {
     "num_stages": "--steps", "num_inference_steps": "--steps", "guidance_scale": "--guidance-scale",
-    "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "order": "--order",
-    "num_images_per_prompt": "--num-images", "max_replacements": "--max-replacements",
+    "guidance_schedule": "--guidance-schedule", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
+    "order": "--order", "num_images_per_prompt": "--num-images", "max_replacements": "--max-replacements",
 }
+# Where a flag left out takes its value from.
+DEFAULTS_HELP = "default: the model's generation_config.json"
+
+
+def add_generation_flags(parser):
+    """The flags of a generation run, shared by `pdm generate` and `pdm edit`; each defaults to the model's saved
+    generation defaults (`generation_config.json` in the model folder), else the package's."""
+    parser.add_argument("--steps", type=int, default=None, help=f"number of stages T, 1..L ({DEFAULTS_HELP}, else "
+                                                                 "the config's num_stages)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help=f"classifier-free guidance, 1 = off ({DEFAULTS_HELP}, else 1)")
+    parser.add_argument("--guidance-schedule", default=None,
+                        help=f"constant, or linear: from 1 at the first stage up to the scale ({DEFAULTS_HELP})")
+    parser.add_argument("--temperature", type=float, default=None, help=f"sampling temperature, > 0 ({DEFAULTS_HELP}, "
+                                                                        "else 1)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest codes only, 1..K "
+                                                                f"({DEFAULTS_HELP})")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help=f"sample from the nucleus of this mass, in (0, 1] ({DEFAULTS_HELP})")
+    parser.add_argument("--order", default=None, help="raster, random, quant-error, reverse-quant-error or learned "
+                                                      f"({DEFAULTS_HELP}, else the order the model was trained on)")
+    parser.add_argument("--max-replacements", type=int, default=None,
+                        help=f"cap on codes replaced per stage, 0 turns error recovering off ({DEFAULTS_HELP})")
+
+
+def run_kwargs(args):
+    """The generation run's flags as keyword arguments of the pipelines (None: the model's default)."""
+    return dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                guidance_schedule=args.guidance_schedule, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, order=args.order, max_replacements=args.max_replacements)
 
 
 def stage_strip(stage_images, num_shown: int):
@@ -46,16 +76,8 @@ def build_parser(prog):
                              "(default: the bundled PDM-Shapes model)")
     parser.add_argument("--negative-prompt", default=None,
                         help="prompt to guide away from (needs --guidance-scale > 1; default: the empty prompt)")
-    parser.add_argument("--steps", type=int, default=None, help="number of stages T, 1..L (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (0..2^63-1; default 0)")
-    parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1.0 = off)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest codes only, 1..K")
-    parser.add_argument("--top-p", type=float, default=None, help="sample from the nucleus of this mass, in (0, 1]")
-    parser.add_argument("--order", default=None, help="raster, random, quant-error, reverse-quant-error or learned "
-                                                      "(default: the order the model was trained on)")
-    parser.add_argument("--max-replacements", type=int, default=None,
-                        help="cap on codes replaced per stage (0 turns error recovering off)")
+    add_generation_flags(parser)
     parser.add_argument("--num-images", type=int, default=1, help="images for the prompt, saved side by side")
     parser.add_argument("--out", default="out.png", help="image file to write (default out.png)")
     parser.add_argument("--stages-out", default=None, help="also write a strip of the image after chosen stages")
@@ -132,15 +154,18 @@ def check_weights(folder):
             raise CommandError(f"{path} is damaged ({first_line(error)})") from error
 
 
-def check_model_arguments(args, config):
-    """The model's own checks (`check_generate_arguments`) against its config, with the flags named."""
-    from progressive_denoising.modeling_pdm import check_generate_arguments
-
-    steps = config.num_stages if args.steps is None else args.steps
-    order = config.training_order if args.order is None else args.order
+def check_model_arguments(args, config, generation_config):
+    """The generation run's flags on top of the model's defaults, checked against its config (with the flags
+    named)."""
     with usage_errors(FLAGS):
-        check_generate_arguments(config, steps, order, args.temperature, args.top_k, args.top_p, args.guidance_scale,
-                                 args.num_images, args.max_replacements)
+        generation_config.updated(
+            num_stages=args.steps, order=args.order, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            guidance_scale=args.guidance_scale, guidance_schedule=args.guidance_schedule,
+            max_replacements=args.max_replacements,
+        ).resolved(config)
+        from progressive_denoising.modeling_pdm import check_num_images
+
+        check_num_images(args.num_images)
 
 
 def choose_device(args):
@@ -188,18 +213,28 @@ def torch_threads(count):
 
 
 def load_config(args, local):
-    from progressive_denoising.configuration_pdm import PDMConfig
+    """(the model's `PDMConfig`, its `PDMGenerationConfig`: the folder's `generation_config.json` or the defaults)."""
+    from transformers.utils import cached_file
+
+    from progressive_denoising.configuration_pdm import PDMConfig, PDMGenerationConfig
 
     source = model_source(args)
+    folder, where = (os.path.join(source, "model"), {}) if local else (source, {"subfolder": "model"})
     try:
-        return PDMConfig.from_pretrained(os.path.join(source, "model") if local else source,
-                                         **({} if local else {"subfolder": "model"}))
+        config = PDMConfig.from_pretrained(folder, **where)
+        path = cached_file(folder, PDMGenerationConfig.FILE_NAME, _raise_exceptions_for_missing_entries=False, **where)
     except Exception as error:
         if not local:
             raise CommandError(f"{source} is no local folder and could not be loaded from the Hub "
                                f"({first_line(error)})") from error
         where = os.path.join(source, "model", "config.json")
         raise CommandError(f"{where}: cannot read the model's config ({first_line(error)})") from error
+    if path is None:
+        return config, PDMGenerationConfig()
+    try:
+        return config, PDMGenerationConfig.from_file(path)
+    except ValueError as error:  # the file's fault, not a flag's: named with its key
+        raise CommandError(first_line(error)) from error
 
 
 def load_pipeline(args, device):
@@ -225,11 +260,8 @@ def generate(pipe, args, clock):
 
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
     output = pipe(
-        args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        order=args.order, max_replacements=args.max_replacements, generator=generators,
-        num_images_per_prompt=args.num_images, return_stages=args.stages_out is not None,
-        callback_on_step_end=note_stage_end,
+        args.prompt, negative_prompt=args.negative_prompt, generator=generators, num_images_per_prompt=args.num_images,
+        return_stages=args.stages_out is not None, callback_on_step_end=note_stage_end, **run_kwargs(args),
     )
     clock.lap("generate", stage_ends[-1])
     clock.lap("decode")
@@ -271,8 +303,8 @@ def run(args):
 
     clock.lap("imports")
     device = choose_device(args)
-    config = load_config(args, local)
-    check_model_arguments(args, config)
+    config, generation_config = load_config(args, local)
+    check_model_arguments(args, config, generation_config)
     if local:
         check_components(model_source(args))
     threads = cpu_threads(args, device)

@@ -25,6 +25,8 @@ import re
 import numpy as np
 from PIL import Image
 
+from ..errors import ArgumentError
+
 COLOURS = {
     "red": (230, 25, 75),
     "green": (60, 180, 75),
@@ -65,14 +67,14 @@ _SPLIT_STREAMS = {"train": 0, "validation": 1, "test": 2}
 
 def _check_size(size):
     if not isinstance(size, (int, np.integer)) or size < MIN_IMAGE_SIZE:
-        raise ValueError(f"size must be an integer >= {MIN_IMAGE_SIZE}, got {size!r}")
+        raise ArgumentError("size", f"size must be an integer >= {MIN_IMAGE_SIZE}, got {size!r}")
     return int(size)
 
 
 def object_side(size_name, image_size):
     """Side in pixels of the box of a `size_name` ("small" or "large") object in an `image_size` image."""
     if size_name not in SIDE_FRACTION:
-        raise ValueError(f"size_name must be one of {SIZES}, got {size_name!r}")
+        raise ArgumentError("size_name", f"size_name must be one of {SIZES}, got {size_name!r}")
     small = max(3, round(image_size * SIDE_FRACTION["small"]))
     return small if size_name == "small" else 2 * small
 
@@ -97,7 +99,7 @@ def relation_holds(relation, first_center, second_center, image_size):
         return dy >= quarter
     if relation == "below":
         return -dy >= quarter
-    raise ValueError(f"relation must be one of {RELATIONS}, got {relation!r}")
+    raise ArgumentError("relation", f"relation must be one of {RELATIONS}, got {relation!r}")
 
 
 def _make_object(shape, colour, size_name, x0, y0, side):
@@ -130,7 +132,7 @@ def _placements_in_region(region, side, image_size):
 
     xs, ys = corners(column), corners(row)
     if not xs or not ys:
-        raise ValueError(f"size {image_size} is too small to place a {side}-pixel object in the {region}")
+        raise ArgumentError("size", f"size {image_size} is too small to place a {side}-pixel object in the {region}")
     return xs, ys
 
 
@@ -206,11 +208,11 @@ def sample_scene(rng, size=64, allowed_pairs=None):
     """
     size = _check_size(size)
     if not isinstance(rng, np.random.Generator):
-        raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        raise ArgumentError("rng", f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     pairs = ALL_PAIRS if allowed_pairs is None else tuple(tuple(pair) for pair in allowed_pairs)
     unknown = [pair for pair in pairs if pair not in ALL_PAIRS]
     if not pairs or unknown:
-        raise ValueError(f"allowed_pairs must be a non-empty list of (colour, shape) pairs; unknown: {unknown}")
+        raise ArgumentError("allowed_pairs", f"allowed_pairs must be a non-empty list of (colour, shape) pairs; unknown: {unknown}")
     if rng.random() < ONE_OBJECT_PROBABILITY:
         return _sample_one_object_scene(rng, size, pairs)
     return _sample_two_object_scene(rng, size, pairs)
@@ -247,7 +249,7 @@ def _object_mask(obj, size):
         # pixel row so that the apex row is not empty and the pixels fill the box in both directions.
         half_width = (ys + 0.5 - y0) / 2
         return inside_box & (np.abs(xs - cx) <= half_width)
-    raise ValueError(f"shape must be one of {SHAPES}, got {obj['shape']!r}")
+    raise ArgumentError("shape", f"shape must be one of {SHAPES}, got {obj['shape']!r}")
 
 
 def render_scene(scene, size=64):
@@ -279,7 +281,7 @@ def caption_for(scene):
         return _phrase(objects[0]) + (f" in the {region}" if region else "")
     if len(objects) == 2:
         return f"{_phrase(objects[0])} {scene['relation']} {_phrase(objects[1])}"
-    raise ValueError(f"scene must have 1 or 2 objects, got {len(objects)}")
+    raise ArgumentError("scene", f"scene must have 1 or 2 objects, got {len(objects)}")
 
 
 def _alternatives(words):
@@ -304,7 +306,7 @@ def parse_caption(caption):
         ValueError: `caption` is not a string of the grammar (exact words, lower case, single spaces).
     """
     if not isinstance(caption, str):
-        raise ValueError(f"caption must be a string, got {type(caption).__name__}")
+        raise ArgumentError("caption", f"caption must be a string, got {type(caption).__name__}")
     for pattern, count in ((_ONE_OBJECT_RE, 1), (_TWO_OBJECTS_RE, 2)):
         match = pattern.fullmatch(caption)
         if match:
@@ -368,7 +370,7 @@ def _split_records(split, count, seed, size):
 
 def _check_count(name, value):
     if not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        raise ArgumentError(name, f"{name} must be a non-negative integer, got {value!r}")
     return int(value)
 
 
@@ -392,7 +394,7 @@ def make_shapes_dataset(num_train, seed, size=64, num_validation=None, num_test=
         "test": default if num_test is None else _check_count("num_test", num_test),
     }
     if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise ArgumentError("seed", f"seed must be a non-negative integer, got {seed!r}")
     features = _features()
     return datasets.DatasetDict({
         split: datasets.Dataset.from_dict(_split_records(split, count, int(seed), size), features=features)

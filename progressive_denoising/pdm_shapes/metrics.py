@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..errors import ArgumentError
 from .data import has_held_out_pair, parse_caption, region_of, relation_holds
 from .recogniser import images_to_tensor, recognise
 
@@ -86,7 +87,7 @@ def attribute_scores(found, prompt, image_size):
 def _recognise_prompts(recogniser, images, captions):
     pixels = images_to_tensor(images)
     if len(captions) != len(pixels):
-        raise ValueError(f"captions must have one entry per image: {len(captions)} captions, {len(pixels)} images")
+        raise ArgumentError("captions", f"captions must have one entry per image: {len(captions)} captions, {len(pixels)} images")
     prompts = [parse_caption(caption) for caption in captions]
     return recognise(recogniser, pixels), prompts, pixels.shape[-1]
 
@@ -143,7 +144,7 @@ def _inception_metric(inception_weights):
         raise RuntimeError("FID with Inception features needs `torch-fidelity` (pip install torch-fidelity) and its "
                            "Inception weights on disk; use feature='recogniser' otherwise.")
     if inception_weights is None or not os.path.isfile(inception_weights):
-        raise ValueError(f"inception_weights must be the path of torch-fidelity's Inception weights file "
+        raise ArgumentError("inception_weights", f"inception_weights must be the path of torch-fidelity's Inception weights file "
                          f"(pt_inception-2015-12-05), got {inception_weights!r}; they are never downloaded here.")
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -165,13 +166,13 @@ def fid(real_images, fake_images, feature="recogniser", recogniser=None, incepti
 
     if feature == "recogniser":
         if recogniser is None:
-            raise ValueError("recogniser must be given when feature='recogniser'")
+            raise ArgumentError("recogniser", "recogniser must be given when feature='recogniser'")
         metric = FrechetInceptionDistance(feature=RecogniserFeatures(recogniser))
         device = next(recogniser.parameters()).device
     elif feature == "inception":
         metric, device = _inception_metric(inception_weights), torch.device("cpu")
     else:
-        raise ValueError(f"feature must be 'recogniser' or 'inception', got {feature!r}")
+        raise ArgumentError("feature", f"feature must be 'recogniser' or 'inception', got {feature!r}")
     metric = metric.to(device)
     for images, real in ((real_images, True), (fake_images, False)):
         pixels = images_to_tensor(images)
@@ -219,11 +220,11 @@ def load_split(path, split):
     import datasets
 
     if not os.path.isdir(path):
-        raise ValueError(f"path {path!r} is not a folder")
+        raise ArgumentError("path", f"path {path!r} is not a folder")
     data = datasets.load_from_disk(path)
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
-            raise ValueError(f"split {split!r} not in {path} (has {list(data)})")
+            raise ArgumentError("split", f"split {split!r} not in {path} (has {list(data)})")
         return data[split]
     return data
 

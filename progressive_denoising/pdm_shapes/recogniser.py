@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ArgumentError
 from .data import COLOUR_NAMES, SHAPES, SIZES
 
 CONFIG_NAME = "config.json"
@@ -38,7 +39,7 @@ class ShapesRecogniser(nn.Module):
     def __init__(self, image_size=64, channels=(32, 64, 128, 128), hidden=256, glimpse=5, window=0.2):
         super().__init__()
         if len(channels) < 2:
-            raise ValueError(f"channels must have at least 2 entries, got {channels!r}")
+            raise ArgumentError("channels", f"channels must have at least 2 entries, got {channels!r}")
         self.config = {"image_size": int(image_size), "channels": [int(c) for c in channels], "hidden": int(hidden),
                        "glimpse": int(glimpse), "window": float(window)}
         stages, in_channels = [], 5  # RGB + two coordinate channels, which make positions easy to read
@@ -128,7 +129,7 @@ class ShapesRecogniser(nn.Module):
 
         config_path = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(config_path):
-            raise ValueError(f"path {path!r} has no {CONFIG_NAME}: not a saved recogniser")
+            raise ArgumentError("path", f"path {path!r} has no {CONFIG_NAME}: not a saved recogniser")
         with open(config_path, encoding="utf-8") as handle:
             config = json.load(handle)
         model = cls(image_size=config["image_size"], channels=config["channels"], hidden=config["hidden"],
@@ -141,13 +142,13 @@ def images_to_tensor(images):
     """Stack PIL images (any mode, all the same size) or a (N, 3, H, W) uint8 tensor into (N, 3, H, W) uint8."""
     if isinstance(images, torch.Tensor):
         if images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
-            raise ValueError(f"images must be a (N, 3, H, W) uint8 tensor, got {tuple(images.shape)} {images.dtype}")
+            raise ArgumentError("images", f"images must be a (N, 3, H, W) uint8 tensor, got {tuple(images.shape)} {images.dtype}")
         return images
     arrays = [np.asarray(image.convert("RGB"), dtype=np.uint8) for image in images]
     if not arrays:
-        raise ValueError("images must not be empty")
+        raise ArgumentError("images", "images must not be empty")
     if len({a.shape for a in arrays}) != 1:
-        raise ValueError("images must all have the same size")
+        raise ArgumentError("images", "images must all have the same size")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
