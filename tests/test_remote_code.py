@@ -139,10 +139,16 @@ def test_diffusion_pipeline_loads_a_saved_folder_where_the_package_is_installed(
     assert_same_outputs(loaded, package_outputs(pipe, steps=3))
 
 
-def test_bundled_pipeline_loads_without_the_package(tmp_path):
-    report, loaded = load_in_subprocess(BUNDLED_MODEL, tmp_path, steps=4)
+def test_bundled_pipeline_saved_again_loads_without_the_package(tmp_path):
+    """The bundled folder ships inside the package and holds no code; saving it writes the code people without the
+    package receive (what a Hub upload holds)."""
+    bundled = PDMPipeline.from_pretrained(BUNDLED_MODEL)
+    folder = tmp_path / "bundled-saved"
+    bundled.save_pretrained(folder)
+    assert (folder / "model" / "generation_config.json").is_file()
+    report, loaded = load_in_subprocess(folder, tmp_path, steps=4)
     assert report["package_modules"] == [] and report["pipeline"] == "diffusers_modules.local.pipeline_pdm"
-    assert_same_outputs(loaded, package_outputs(PDMPipeline.from_pretrained(BUNDLED_MODEL), steps=4))
+    assert_same_outputs(loaded, package_outputs(bundled, steps=4))
 
 
 def expected_code_files():
@@ -166,18 +172,9 @@ def test_saved_folder_carries_the_package_code(saved):
         assert (saved / name).read_bytes() == source.read_bytes(), name
 
 
-def test_bundled_folder_carries_the_package_code():
-    """The bundled copies go stale whenever the package's files change: refresh them as the message says."""
+def test_bundled_folder_holds_no_copy_of_the_source():
+    """Weights, configs and the card only: no source file exists twice in the repository."""
     bundled = Path(BUNDLED_MODEL)
-    expected = expected_code_files()
-    stale = [name for name, source in expected.items()
-             if not (bundled / name).is_file() or (bundled / name).read_bytes() != source.read_bytes()]
-    refresh = "; ".join(f"cp {expected[name].relative_to(PACKAGE.parent)} {bundled.relative_to(PACKAGE.parent) / name}"
-                        for name in stale)
-    assert not stale, f"the bundled model's code differs from the package's; refresh it: {refresh}"
-    assert code_files(bundled) == set(expected)
-    index = json.loads((bundled / "model_index.json").read_text())
-    assert index["_class_name"] == ["pipeline_pdm", "PDMPipeline"]
-    assert index["model"] == ["modeling_pdm", "PDMForTextToImage"]
+    assert code_files(bundled) == set()
     auto_map = json.loads((bundled / "model" / "config.json").read_text())["auto_map"]
     assert auto_map == {"AutoConfig": "configuration_pdm.PDMConfig", "AutoModel": "modeling_pdm.PDMForTextToImage"}

@@ -31,7 +31,6 @@ rm -rf progressive_denoising/bundled/pdm-shapes
 mkdir -p progressive_denoising/bundled
 cp -r runs/pdm-shapes32/final progressive_denoising/bundled/pdm-shapes
 cp -r runs/recogniser32 progressive_denoising/bundled/pdm-shapes/recogniser
-# keep the code that PDMPipeline.save_pretrained writes beside the weights (pipeline_pdm.py, model/*.py and the
-# auto_map): DiffusionPipeline.from_pretrained(bundle, trust_remote_code=True) loads the bundle without the package
-test -f progressive_denoising/bundled/pdm-shapes/pipeline_pdm.py
-test -f progressive_denoising/bundled/pdm-shapes/model/modeling_pdm.py
+# the package carries the code: the bundle holds weights, configs and cards only (a saved copy of it, e.g. a Hub
+# upload, gets the code from PDMPipeline.save_pretrained, for people without the package)
+find progressive_denoising/bundled/pdm-shapes -name "*.py" -delete
