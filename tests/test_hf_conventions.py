@@ -129,6 +129,27 @@ def test_weights_missing_from_a_checkpoint_get_the_models_initialization(tmp_pat
     assert 0.2 < loaded.state_head.weight.std().item() < 0.8
 
 
+def test_t5_weights_missing_from_a_checkpoint_get_t5s_initialization(tmp_path):
+    """T5's rule (wi ~ N(0, d_model ** -0.5), q ~ N(0, (d_model * d_kv) ** -0.5)), as a plain T5EncoderModel loads
+    them, not the generic N(0, 1) that transformers gives custom code's parameter-less parent modules."""
+    from safetensors.torch import load_file, save_file
+
+    make(PDMForTextToImage).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    missing = ("text_encoder.encoder.block.0.layer.1.DenseReluDense.wi.weight",
+               "text_encoder.encoder.block.0.layer.0.SelfAttention.q.weight")
+    save_file({k: v for k, v in weights.items() if k not in missing}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    loaded = PDMForTextToImage.from_pretrained(tmp_path)
+    block = loaded.text_encoder.encoder.block[0]
+    d_model, d_kv = loaded.config.text_config.d_model, loaded.config.text_config.d_kv
+    assert abs(block.layer[1].DenseReluDense.wi.weight.std().item() - d_model ** -0.5) < 0.05
+    assert abs(block.layer[0].SelfAttention.q.weight.std().item() - (d_model * d_kv) ** -0.5) < 0.02
+    for name, tensor in loaded.state_dict().items():  # the weights that were there are untouched
+        if name in weights and name not in missing:
+            assert torch.equal(tensor, weights[name]), name
+
+
 # -- (d) `attn_implementation` -------------------------------------------------------------------------------------
 
 
