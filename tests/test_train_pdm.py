@@ -100,6 +100,54 @@ def test_resuming_after_a_kill_matches_an_uninterrupted_run(config, tmp_path):
         assert abs(straight_curve[step] - resumed_curve[step]) < 1e-6, step
 
 
+def test_compiled_eager_training_resumes_and_saves_silently(config, tmp_path):
+    """`torch_compile` (captions padded to a multiple of 16) with eager attention, the CPU recipe's fast path, saves
+    and resumes; its checkpoints hold T5's tied embedding once, so no "removed shared tensor" warning; the main process
+    shows a progress bar and a line per checkpoint."""
+    common = ["--config", config, "--checkpointing_steps", "2", "--eval_steps", "1000", "--num_samples", "0",
+              "--torch_compile", "true", "--attn_implementation", "eager"]
+    out = str(tmp_path / "compiled")
+    first = run(common + ["--output_dir", out, "--max_steps", "2"], timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    output = first.stderr + first.stdout
+    assert "Removed shared tensor" not in output
+    assert "step 2: saved" in output and "steps: 100%" in output  # the report line and the bar
+    resumed = run(common + ["--output_dir", out, "--max_steps", "4", "--resume_from_checkpoint", "latest"],
+                  timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+    assert os.path.exists(os.path.join(out, "final", "model.safetensors"))
+
+
+def test_checkpoints_load_with_warnings_as_errors(tmp_path):
+    """A checkpoint of `save_state` with the tied copy left out loads back exactly and silently."""
+    import warnings
+
+    from accelerate import Accelerator
+
+    from tiny import tiny_model
+
+    model = tiny_model()
+    accelerator = Accelerator(cpu=True)
+    accelerator.register_save_state_pre_hook(loop.drop_tied_copies)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        accelerator.save_state(str(tmp_path / "checkpoint"))
+        saved = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))
+        assert "text_encoder.encoder.embed_tokens.weight" not in saved and "text_encoder.shared.weight" in saved
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.zero_()
+        accelerator.load_state(str(tmp_path / "checkpoint"))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert model.text_encoder.encoder.embed_tokens.weight is model.text_encoder.shared.weight
+
+
 def test_the_autoregressive_baseline_trains_through_the_same_script(config, tmp_path):
     out = str(tmp_path / "ar")
     result = run(["--config", config, "--output_dir", out, "--model_type", "ar", "--max_steps", "40",

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from progressive_denoising.ordering import build_stage_tuples, order_scores, scores_to_ranks
+from progressive_denoising.ordering import IGNORE_INDEX, build_stage_tuples, order_scores, scores_to_ranks
 
 TOKENIZATION_FILE = "pdm_tokenization.json"
 
@@ -86,32 +86,42 @@ def known_regions(batch_size, grid, share, generator):
 
 
 def stage_inputs(batch, order, num_stages, mask_token_id, codebook_size, p_error, generator,
-                 token_loss_positions="stage", known_region_share=0.0, grid=None):
+                 token_loss_positions="stage", known_region_share=0.0, grid=None, random_mask_share=0.0):
     """The training tuple of every example: a stage t uniform in 1..T, ranks from the order, then eq. 4; with
-    `known_region_share` > 0, that share of the examples keeps a random region of its `grid` (h, w) known."""
+    `known_region_share` > 0, that share of the examples keeps a random region of its `grid` (h, w) known; with
+    `random_mask_share` > 0, that share ranks its positions at random instead (MaskGIT's masks: the token head learns
+    to complete partly drawn objects, which the order's masks, hiding each object whole, seldom show) and leaves the
+    state head untrained on them (their generate labels would be noise)."""
     codes = batch["codes"]
     batch_size, num_tokens = codes.shape
     stages = torch.randint(1, num_stages + 1, (batch_size,), generator=generator)
     # Tuples are built on the CPU, where the generator is, whatever device the batch is on.
     quant_error = batch["quant_error"].cpu() if "quant_error" in batch else None
     scores = order_scores(order, batch_size, num_tokens, quant_error=quant_error, generator=generator)
-    # Drawn only when asked for, so that runs without it see the random numbers they always saw.
+    # Drawn only when asked for, so that runs without them see the random numbers they always saw.
     known = known_regions(batch_size, grid, known_region_share, generator) if known_region_share > 0 else None
+    random_masks = None
+    if random_mask_share > 0:
+        random_masks = torch.rand(batch_size, generator=generator) < random_mask_share
+        scores = torch.where(random_masks[:, None], torch.rand(batch_size, num_tokens, generator=generator), scores)
     tuples = build_stage_tuples(codes.cpu(), scores_to_ranks(scores), stages, num_stages, mask_token_id,
                                 codebook_size, p_error=p_error, generator=generator,
                                 token_loss_positions=token_loss_positions, known=known)
+    if random_masks is not None:
+        tuples["state_labels"] = tuples["state_labels"].masked_fill(random_masks[:, None], IGNORE_INDEX)
     return {key: tuples[key].to(codes.device) for key in ("image_tokens", "token_labels", "state_labels")}
 
 
 class TextStates:
     """T5 inputs of captions; with a frozen encoder, optionally its states, computed once per caption and kept."""
 
-    def __init__(self, tokenizer, max_length, cache=False):
+    def __init__(self, tokenizer, max_length, cache=False, pad_to_multiple_of=None):
         self.tokenizer, self.max_length, self.cache, self.states = tokenizer, max_length, cache, {}
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def tokenize(self, captions, device):
         tokens = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length,
-                                return_tensors="pt")
+                                pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt")
         return {"input_ids": tokens.input_ids.to(device), "attention_mask": tokens.attention_mask.to(device)}
 
     @torch.no_grad()

@@ -18,6 +18,25 @@ def trainable_parameters(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def tied_weight_names(model):
+    """Names (as in `model.state_dict()`) of the weights that a transformers model inside `model` declares tied to
+    another: T5's `encoder.embed_tokens.weight` is its `shared.weight`."""
+    names = set()
+    for prefix, module in model.named_modules():
+        for target in getattr(module, "_tied_weights_keys", None) or ():  # a dict in transformers 5, a list in 4
+            names.add(f"{prefix}.{target}" if prefix else target)
+    return names
+
+
+def drop_tied_copies(models, weights, output_dir):
+    """`accelerator.save_state` pre-hook: a checkpoint holds each tied weight once, the declared copy left out (the
+    state dicts hold both names of one tensor, which safetensors cannot store and Accelerate drops with a warning).
+    `load_state` restores the copy, which is the same tensor as its source in the model."""
+    for model, state in zip(models, weights):
+        for name in tied_weight_names(model):
+            state.pop(name, None)
+
+
 STEP_FILE = "step.json"
 
 
@@ -72,6 +91,23 @@ def epoch_batches(accelerator, loader, start_batch):
         current.set_epoch(epoch)  # the seedable sampler shuffles by (seed, epoch): same order after a resume
         yield from current
         epoch, skip = epoch + 1, 0
+
+
+def progress_bar(accelerator, start, total):
+    """The main process's progress bar over the steps (with their rate and the time left), as diffusers' training
+    examples show it; the other processes get one that prints nothing."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="steps", disable=not accelerator.is_local_main_process,
+                dynamic_ncols=True)
+
+
+def report(accelerator, message):
+    """A line on the main process, above its progress bar (an evaluation, a checkpoint)."""
+    if accelerator.is_local_main_process:
+        from tqdm.auto import tqdm
+
+        tqdm.write(message)
 
 
 def check_finite(loss, step):

@@ -24,7 +24,7 @@ from diffusers.utils import make_image_grid
 from transformers import AutoTokenizer, T5Config, get_cosine_schedule_with_warmup
 
 from progressive_denoising import PDMARConfig, PDMARForTextToImage, PDMConfig, PDMForTextToImage
-from progressive_denoising.configuration_pdm import TOKEN_LOSS_POSITIONS
+from progressive_denoising.configuration_pdm import TEXT_POSITION_EMBEDDINGS, TOKEN_LOSS_POSITIONS
 from progressive_denoising.text_tokenizer import LEVELS, train_caption_tokenizer
 from progressive_denoising.commands.base import run_script
 from training import data, hub, loop, options
@@ -55,6 +55,7 @@ class Options:
     tokenizer_vocab_size: Optional[int] = None  # every word of the captions when null
     tokenizer_level: str = "word"  # or "character" (to measure what whole words bring)
     max_caption_length: int = 128
+    text_position_embedding: Optional[str] = None  # input / output: absolute prompt positions (PDMConfig)
     hidden_size: int = 1280
     num_hidden_layers: int = 24
     num_attention_heads: int = 20
@@ -69,6 +70,7 @@ class Options:
     token_loss_positions: str = "masked"  # or "stage" (the paper's group t); see ordering.build_stage_tuples
     caption_dropout: float = 0.1
     known_region_share: float = 0.0  # share of tuples with a random box of codes known from the start (editing)
+    random_mask_share: float = 0.0  # share of tuples masked in a random order (token loss only, no state labels)
     # optimisation
     batch_size: int = 8  # per process
     max_steps: int = 1000
@@ -82,6 +84,8 @@ class Options:
     mixed_precision: Optional[str] = None  # no / fp16 / bf16; null keeps what `accelerate launch` says
     ema_decay: Optional[float] = None  # diffusers EMAModel: the decay warms up as (1 + n) / (10 + n) to this
     gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"  # or eager: on a CPU, eager's backward is faster than SDPA's at small sizes
+    torch_compile: bool = False  # compile the model's training pass (captions then padded to a multiple of 16)
     cache_text_states: bool = False
     seed: int = 0
     num_workers: int = 0
@@ -109,12 +113,17 @@ def check_options(o):
     options.check_choice("model_type", o.model_type, tuple(MODEL_TYPES))
     options.check_choice("token_loss_positions", o.token_loss_positions, TOKEN_LOSS_POSITIONS)
     options.check_choice("tokenizer_level", o.tokenizer_level, LEVELS)
-    for name in ("p_error", "caption_dropout", "known_region_share"):
+    options.check_choice("attn_implementation", o.attn_implementation, ("sdpa", "eager"))
+    if o.text_position_embedding is not None:
+        options.check_choice("text_position_embedding", o.text_position_embedding, TEXT_POSITION_EMBEDDINGS)
+    for name in ("p_error", "caption_dropout", "known_region_share", "random_mask_share"):
         options.check_range(name, getattr(o, name), 0.0, 1.0)
     for name in ("batch_size", "max_steps", "num_stages", "gradient_accumulation_steps", "checkpointing_steps",
                  "eval_steps", "snapshot_steps", "max_train_examples"):
         if getattr(o, name) is not None and getattr(o, name) < 1:
             raise ValueError(f"option {name!r} must be a positive integer, got {getattr(o, name)!r}")
+    if o.random_mask_share == 1.0:
+        raise ValueError("option 'random_mask_share' must be below 1: the state head learns from the other tuples only")
     if o.learning_rate <= 0:
         raise ValueError(f"option 'learning_rate' must be positive, got {o.learning_rate!r}")
     if o.ema_decay is not None:
@@ -178,7 +187,7 @@ def build_model(o, tokenizer, codebook_size, grid):
                  num_attention_heads=o.num_attention_heads, hidden_dropout=o.hidden_dropout,
                  attention_dropout=o.attention_dropout, codebook_size=codebook_size, token_grid_size=grid,
                  num_stages=o.num_stages, training_order=o.order, token_loss_positions=o.token_loss_positions,
-                 freeze_text_encoder=not o.train_text_encoder)
+                 freeze_text_encoder=not o.train_text_encoder, text_position_embedding=o.text_position_embedding)
     config_class, model_class = MODEL_TYPES[o.model_type]
     if o.model_name_or_path:
         model = model_class.from_pretrained(o.model_name_or_path)
@@ -195,6 +204,7 @@ def build_model(o, tokenizer, codebook_size, grid):
     if len(tokenizer) > model.config.text_config.vocab_size:
         raise ValueError(f"option 'tokenizer': {len(tokenizer)} tokens but the T5 vocabulary has "
                          f"{model.config.text_config.vocab_size}")
+    model.set_attn_implementation(o.attn_implementation)
     if o.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
@@ -213,7 +223,7 @@ def model_inputs(model, batch, o, text, generator, device, caption_dropout):
     else:
         targets = data.stage_inputs(batch, o.order, o.num_stages, config.mask_token_id, config.codebook_size,
                                     o.p_error, generator, o.token_loss_positions, o.known_region_share,
-                                    config.token_grid_size)
+                                    config.token_grid_size, o.random_mask_share)
     return {**targets, **text(model, captions, device)}
 
 
@@ -225,7 +235,7 @@ def generate_kwargs(o):
 def evaluate(accelerator, model, loader, o, text):
     """Mean validation loss over up to `eval_batches` batches, with the same draws at every evaluation."""
     model.eval()
-    raw, losses = accelerator.unwrap_model(model), []
+    raw, losses = accelerator.unwrap_model(model, keep_torch_compile=False), []
     for i, batch in zip(range(o.eval_batches), loader):
         generator = data.step_generator(o.seed + 1, accelerator.process_index, i)
         loss = model(**model_inputs(raw, batch, o, text, generator, accelerator.device, 0.0)).loss
@@ -237,7 +247,7 @@ def evaluate(accelerator, model, loader, o, text):
 @torch.no_grad()
 def sample(accelerator, model, tokenizer, vqvae, captions, o, step):
     """Generate codes for a few validation captions; save them (and a PNG grid when a VQ model is given)."""
-    raw = accelerator.unwrap_model(model).eval()
+    raw = accelerator.unwrap_model(model, keep_torch_compile=False).eval()
     tokens = tokenizer(captions, padding=True, return_tensors="pt").to(accelerator.device)
     generator = torch.Generator(accelerator.device).manual_seed(o.seed)
     codes = raw.generate(tokens.input_ids, tokens.attention_mask, generator=generator, **generate_kwargs(o))
@@ -268,7 +278,7 @@ def save_final(accelerator, model, tokenizer, vqvae, ema, o, metrics, sample_pat
     state_dict = accelerator.get_state_dict(model)  # collective under FSDP: every process calls it
     if not accelerator.is_main_process:
         return None
-    raw = accelerator.unwrap_model(model)
+    raw = accelerator.unwrap_model(model, keep_torch_compile=False)
     if accelerator.distributed_type.value == "FSDP":  # gathered weights into an unsharded copy
         raw = type(raw)(raw.config)
         raw.load_state_dict(state_dict)
@@ -310,10 +320,11 @@ def main(argv=None):
                                    "resume_from_checkpoint"), outputs=("output_dir",))
     accelerator = Accelerator(
         gradient_accumulation_steps=o.gradient_accumulation_steps, mixed_precision=o.mixed_precision,
-        log_with=o.log_with, project_config=ProjectConfiguration(project_dir=o.output_dir, logging_dir=os.path.join(o.output_dir, "logs")),
+        log_with=o.log_with, dynamo_backend="inductor" if o.torch_compile else None, project_config=ProjectConfiguration(project_dir=o.output_dir, logging_dir=os.path.join(o.output_dir, "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=o.seed),
     )
     check_world(accelerator, o)
+    accelerator.register_save_state_pre_hook(loop.drop_tied_copies)
     set_seed(o.seed)
     os.makedirs(o.output_dir, exist_ok=True)
     train, validation, info = data.load_splits(o.dataset, o.train_split, o.validation_split, o.validation_size, o.seed)
@@ -327,7 +338,9 @@ def main(argv=None):
         from diffusers import VQModel
 
         vqvae = VQModel.from_pretrained(o.vqvae).to(accelerator.device).eval()
-    text = data.TextStates(tokenizer, o.max_caption_length, cache=o.cache_text_states)
+    # A compiled pass is specialised to its shapes: padding captions to a multiple of 16 tokens leaves it few.
+    text = data.TextStates(tokenizer, o.max_caption_length, cache=o.cache_text_states,
+                           pad_to_multiple_of=16 if o.torch_compile else None)
     optimizer = torch.optim.AdamW(loop.trainable_parameters(model), lr=o.learning_rate,
                                   betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay)
     # The prepared scheduler steps once per process per update, hence the factor.
@@ -341,7 +354,7 @@ def main(argv=None):
     if o.ema_decay is not None:  # after `prepare`: the averages live where the weights do (a GPU, say)
         # diffusers' EMA warms up (decay (1 + n) / (10 + n), at most ema_decay): a short run's average does not keep
         # a large share of the random initial weights (0.999 ** 1000 = 37% with a fixed decay).
-        ema = EMAModel(loop.trainable_parameters(accelerator.unwrap_model(model)), decay=o.ema_decay, foreach=True)
+        ema = EMAModel(loop.trainable_parameters(accelerator.unwrap_model(model, keep_torch_compile=False)), decay=o.ema_decay, foreach=True)
         accelerator.register_for_checkpointing(ema)
     return train_loop(o, accelerator, model, optimizer, scheduler, train_loader, eval_loader, validation, tokenizer,
                       vqvae, text, ema)
@@ -360,9 +373,10 @@ def train_loop(o, accelerator, model, optimizer, scheduler, train_loader, eval_l
     accelerator.init_trackers("pdm", config=loop.tracker_config(o))
     log = loop.JsonlLog(os.path.join(o.output_dir, "losses.jsonl"), accelerator.is_main_process)
     write_run_info(o, accelerator)
-    accum, raw = o.gradient_accumulation_steps, accelerator.unwrap_model(model)
+    accum, raw = o.gradient_accumulation_steps, accelerator.unwrap_model(model, keep_torch_compile=False)
     batches = loop.epoch_batches(accelerator, train_loader, start * accum)
     metrics, sample_path = {}, None
+    progress = loop.progress_bar(accelerator, start, o.max_steps)
     model.train()
     for step in range(start + 1, o.max_steps + 1):
         losses = []
@@ -389,13 +403,19 @@ def train_loop(o, accelerator, model, optimizer, scheduler, train_loader, eval_l
                    "train_seconds": clock.seconds}
         log.write(step=step, **metrics)
         accelerator.log(metrics, step=step)
+        progress.update()
+        progress.set_postfix(loss=f"{loss:.3f}", lr=f"{metrics['lr']:.2e}", refresh=False)
         if step % o.eval_steps == 0 or step == o.max_steps:
             metrics.update(evaluate_and_sample(o, accelerator, model, eval_loader, validation, tokenizer, vqvae, text, step))
             sample_path = metrics.pop("sample_path", None) or sample_path
+            if "eval_loss" in metrics:
+                loop.report(accelerator, f"step {step}: eval loss {metrics['eval_loss']:.4f}")
         if o.snapshot_steps and step % o.snapshot_steps == 0 and accelerator.is_main_process:
             save_snapshot(raw, ema, os.path.join(o.output_dir, "snapshots", f"step-{step}"), clock.seconds)
         if step % o.checkpointing_steps == 0:
-            loop.save_checkpoint(accelerator, o.output_dir, step, o.checkpoints_total_limit, clock.seconds)
+            path = loop.save_checkpoint(accelerator, o.output_dir, step, o.checkpoints_total_limit, clock.seconds)
+            loop.report(accelerator, f"step {step}: saved {path}")
+    progress.close()
     accelerator.wait_for_everyone()
     save_final(accelerator, model, tokenizer, vqvae, ema, o, metrics, sample_path)
     loop.finish(accelerator)
