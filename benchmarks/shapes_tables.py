@@ -255,8 +255,10 @@ def score_arm(args, name, seed, train, order, recogniser, real_images, captions)
     needs no weights on disk)."""
     cache_path = os.path.join(arm_folder(args, name, seed), "scores.json")
     key = f"prompts={len(captions)},seed={args.seed},guidance={args.guidance_scale},order={order}"
+    if args.split != "test":  # keys of test rows stay as they were, so that cached tables still read them
+        key += f",split={args.split}"
     cache = json.load(open(cache_path)) if os.path.exists(cache_path) else {}
-    if key in cache:
+    if key in cache and (not args.by_objects or "by_objects" in cache[key]):
         return cache[key]
     folder = train(seed)
     pipe = load_arm(folder, args.config).to(args.device)
@@ -268,6 +270,8 @@ def score_arm(args, name, seed, train, order, recogniser, real_images, captions)
     images, seconds = generate_images(pipe, captions, args.seed, args.batch_size, args.guidance_scale, **stage_kwargs)
     cache[key] = dict(metrics.evaluate_images(recogniser, images, captions, real_images),
                       seconds_per_image=seconds / len(captions), stages=steps, train_minutes=train_minutes(folder))
+    if args.by_objects:
+        cache[key]["by_objects"] = rows_by_object_count("", recogniser, images, captions, real_images)
     with open(cache_path, "w") as f:
         json.dump(cache, f, indent=2)
     return cache[key]
@@ -282,15 +286,16 @@ def mean_row(seed_rows):
     row = {key: float(np.mean([r[key] for r in seed_rows])) for key, value in seed_rows[0].items()
            if isinstance(value, (int, float)) and all(r.get(key) is not None for r in seed_rows)}
     row["images"] = seed_rows[0]["images"]
-    row["stages"] = seed_rows[0]["stages"]
+    row["stages"] = seed_rows[0].get("stages")
     for key in SPREAD_KEYS:
-        row[f"{key}_seeds"] = [r[key] for r in seed_rows]
+        if all(r.get(key) is not None for r in seed_rows):  # no held-out pairs among validation prompts
+            row[f"{key}_seeds"] = [r[key] for r in seed_rows]
     return row
 
 
 def arms_table(args, arms):
     recogniser = ShapesRecogniser.from_pretrained(args.recogniser, device=args.device)
-    real_images, captions = load_test(args.data, args.num_prompts)
+    real_images, captions = load_test(args.data, args.num_prompts, args.split)
     rows = reference_rows(recogniser, real_images, captions)
     seeds = [int(seed) for seed in args.train_seeds.split(",")]
     for name, train, order in arms:
@@ -298,6 +303,9 @@ def arms_table(args, arms):
             continue
         seed_rows = [score_arm(args, name, seed, train, order, recogniser, real_images, captions) for seed in seeds]
         rows[name] = mean_row(seed_rows) if len(seeds) > 1 else seed_rows[0]
+        for label in ("one object", "two objects") if args.by_objects else ():
+            label_rows = [r["by_objects"][f", {label}"] for r in seed_rows]
+            rows[f"{name}, {label}"] = mean_row(label_rows) if len(seeds) > 1 else label_rows[0]
     return rows
 
 
@@ -331,9 +339,9 @@ def parse_args(argv=None):
     parser.add_argument("--setting", action="append", default=[],
                         help='sampling: "name:key=value,key=value", arguments of generate (repeatable)')
     parser.add_argument("--split", default="test", choices=("test", "validation"),
-                        help="sampling: the prompts and real images (choose settings on validation, report on test)")
+                        help="the prompts and real images (choose settings and arms on validation, report on test)")
     parser.add_argument("--by-objects", action="store_true",
-                        help="sampling: also score each setting's one-object and two-object prompts apart")
+                        help="sampling / arms: also score each row's one-object and two-object prompts apart")
     parser.add_argument("--config", help="orders / p-error: the training config every arm shares")
     parser.add_argument("--max_steps", type=int, default=3000, help="orders / p-error: training budget of every arm")
     parser.add_argument("--runs", default="runs/tables", help="orders / p-error: where the arms are trained")
