@@ -24,6 +24,10 @@ ORDERS = ("raster", "random", "quant-error", "reverse-quant-error", "learned", "
 FIXED_ORDERS = ("raster", "random")
 # Where the token loss of a training tuple applies: the paper's stage group (Z^t != 0), or every masked position.
 TOKEN_LOSS_POSITIONS = ("stage", "masked")
+# How the token loss of a batch of training tuples is averaged: over all labelled positions (a tuple of an early stage,
+# with most codes masked, weighs up to T times more than one of the last stage), or over each tuple first (every
+# stage weighs the same, as in the paper's stage-group loss, with all of the masked labels kept).
+TOKEN_LOSS_WEIGHTINGS = ("position", "tuple")
 # Where a learned absolute position embedding of the prompt's tokens is added, if anywhere: to the T5 encoder's input
 # embeddings ("input") or to the text states the decoder's cross-attention reads ("output"). T5 itself knows word
 # order only through the relative attention bias of its first layer, which a small T5 trained from scratch can leave
@@ -56,6 +60,8 @@ class PDMConfig(PretrainedConfig):
         token_loss_positions (`str`, defaults to `"stage"`): where the token loss applied in training, `stage`
             (the paper's rule: the stage-t group and pseudo errors) or `masked` (every masked position and pseudo
             errors); a record of how the model was trained, used by the training script.
+        token_loss_weighting (`str`, defaults to `"position"`): how `forward` averages the token loss of a batch:
+            over all labelled positions, or over each example (training tuple) first (`"tuple"`).
         text_position_embedding (`str`, *optional*): `"input"` adds a learned absolute position embedding to the T5
             encoder's input embeddings, `"output"` to the T5 states before the decoder's cross-attention; None (the
             default, and the paper's) relies on T5's relative attention bias alone.
@@ -81,6 +87,7 @@ class PDMConfig(PretrainedConfig):
         training_order="quant-error",
         freeze_text_encoder=True,
         token_loss_positions="stage",
+        token_loss_weighting="position",
         text_position_embedding=None,
         max_text_positions=256,
         hidden_dropout=0.0,
@@ -105,6 +112,7 @@ class PDMConfig(PretrainedConfig):
         self.training_order = training_order
         self.freeze_text_encoder = freeze_text_encoder
         self.token_loss_positions = token_loss_positions
+        self.token_loss_weighting = token_loss_weighting
         self.text_position_embedding = text_position_embedding
         self.max_text_positions = max_text_positions
         self.hidden_dropout = hidden_dropout
@@ -156,6 +164,9 @@ class PDMConfig(PretrainedConfig):
             raise ValueError(
                 f"PDMConfig.token_loss_positions must be one of {TOKEN_LOSS_POSITIONS}, got {self.token_loss_positions!r}"
             )
+        if self.token_loss_weighting not in TOKEN_LOSS_WEIGHTINGS:
+            raise ValueError(f"PDMConfig.token_loss_weighting must be one of {TOKEN_LOSS_WEIGHTINGS}, got "
+                             f"{self.token_loss_weighting!r}")
         if self.text_position_embedding is not None and self.text_position_embedding not in TEXT_POSITION_EMBEDDINGS:
             raise ValueError(f"PDMConfig.text_position_embedding must be None or one of {TEXT_POSITION_EMBEDDINGS}, "
                              f"got {self.text_position_embedding!r}")

@@ -189,9 +189,16 @@ class PDMDecoder(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of (batch, L, C) logits against (batch, L) labels, in float32, -100 ignored."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, per_example: bool = False) -> torch.Tensor:
+    """Mean cross-entropy of (batch, L, C) logits against (batch, L) labels, in float32, -100 ignored: over all labelled
+    positions, or (`per_example`) over each example's labelled positions first and then over the examples that have
+    any, so that every example weighs the same however many labels it holds."""
+    if not per_example:
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+    losses = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    counts = (labels != IGNORE_INDEX).sum(-1)
+    labelled = counts > 0  # a mask, not an index: the same shapes at every step (compiled graphs)
+    return (losses.sum(-1) / counts.clamp(min=1) * labelled).sum() / labelled.sum()
 
 
 def check_num_images(num_images_per_prompt):
@@ -537,7 +544,7 @@ class PDMForTextToImage(PDMPreTrainedModel):
 
         token_loss = state_loss = loss = None
         if token_labels is not None:
-            token_loss = cross_entropy(token_logits, token_labels)
+            token_loss = cross_entropy(token_logits, token_labels, self.config.token_loss_weighting == "tuple")
         if state_labels is not None:
             state_loss = cross_entropy(state_logits, state_labels)
         losses = [x for x in (token_loss, state_loss) if x is not None]
