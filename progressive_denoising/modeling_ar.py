@@ -23,7 +23,7 @@ from torch import nn
 from transformers import AutoModel
 
 from .configuration_pdm import PDMARConfig, PDMGenerationConfig
-from .modeling_pdm import PDMAttention, PDMDecoder, PDMOutput, PDMPreTrainedModel, check_num_images, cross_entropy
+from .modeling_pdm import PDMAttention, PDMDecoderModel, PDMOutput, PDMPreTrainedModel, check_num_images, cross_entropy
 from .ordering import Generators
 from .sampling import guidance_mix, sample_codes
 
@@ -32,11 +32,11 @@ from .sampling import guidance_mix, sample_codes
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def causal_self_attention(attn: PDMAttention, hidden_states: torch.Tensor) -> torch.Tensor:
-    """(batch, L, hidden) -> (batch, L, hidden): position i attends to positions <= i."""
+def causal_self_attention(attn: PDMAttention, hidden_states: torch.Tensor, output_attentions: bool = False):
+    """(batch, L, hidden) -> ((batch, L, hidden), weights or None): position i attends to positions <= i."""
     query = attn._split_heads(attn.q_proj(hidden_states))
     key, value = attn.project_key_value(hidden_states)
-    return attn.attend(query, key, value, is_causal=True)
+    return attn.attend(query, key, value, is_causal=True, output_attentions=output_attentions)
 
 
 def cached_self_attention(
@@ -46,7 +46,8 @@ def cached_self_attention(
     value_cache: torch.Tensor,
     step: torch.Tensor,
     filled: torch.Tensor,
-) -> torch.Tensor:
+    output_attentions: bool = False,
+):
     """Self-attention of the one new position `step` over the cache; writes its key and value into the cache.
 
     Args:
@@ -60,7 +61,8 @@ def cached_self_attention(
     # In-place writes at a tensor index keep every shape and address fixed from step to step (CUDA-graph friendly).
     key_cache.index_copy_(2, step, key)
     value_cache.index_copy_(2, step, value)
-    return attn.attend(query, key_cache, value_cache, attention_mask=filled[None, None, None, :])
+    return attn.attend(query, key_cache, value_cache, attention_mask=filled[None, None, None, :],
+                       output_attentions=output_attentions)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -89,7 +91,7 @@ class PDMARForTextToImage(PDMPreTrainedModel):
     def __init__(self, config: PDMARConfig):
         super().__init__(config)
         self._init_text_encoder(config)
-        self.decoder = PDMDecoder(config)
+        self.decoder = PDMDecoderModel(config)
         self.token_head = nn.Linear(config.hidden_size, config.codebook_size)
         self.post_init()
         self._freeze_text_encoder()
@@ -119,7 +121,8 @@ class PDMARForTextToImage(PDMPreTrainedModel):
 
     def decode(self, decoder_input: torch.Tensor, text_key_values, text_mask: torch.Tensor) -> torch.Tensor:
         """(batch, L, K) token logits of the causal decoder over `decoder_input` (batch, L)."""
-        return self.token_head(self.decoder(decoder_input, text_key_values, text_mask, causal_self_attention))
+        decoded = self.decoder(decoder_input, text_key_values, text_mask, causal_self_attention)
+        return self.token_head(decoded.last_hidden_state)
 
     def forward(
         self,
@@ -128,16 +131,22 @@ class PDMARForTextToImage(PDMPreTrainedModel):
         image_tokens: Optional[torch.LongTensor] = None,
         token_labels: Optional[torch.LongTensor] = None,
         encoder_hidden_states: Optional[torch.FloatTensor] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
         return_dict: Optional[bool] = None,
     ):
         if image_tokens is None:
             raise ValueError("image_tokens is required: the codes Y of shape (batch, L)")
         self._check_codes(image_tokens)
-        token_logits = self.decode(
-            self.shift_right(image_tokens), *self._text_inputs(input_ids, attention_mask, encoder_hidden_states)
-        )
+        decoded = self.decoder(self.shift_right(image_tokens),
+                               *self._text_inputs(input_ids, attention_mask, encoder_hidden_states),
+                               causal_self_attention, output_hidden_states=output_hidden_states,
+                               output_attentions=output_attentions)
+        token_logits = self.token_head(decoded.last_hidden_state)
         token_loss = None if token_labels is None else cross_entropy(token_logits, token_labels)
-        output = PDMOutput(loss=token_loss, token_loss=token_loss, token_logits=token_logits)
+        output = PDMOutput(loss=token_loss, token_loss=token_loss, token_logits=token_logits,
+                           hidden_states=decoded.hidden_states, attentions=decoded.attentions,
+                           cross_attentions=decoded.cross_attentions)
         return output if return_dict is not False else output.to_tuple()
 
     # -- generation with a KV cache ------------------------------------------------------------------------------
@@ -170,10 +179,10 @@ class PDMARForTextToImage(PDMPreTrainedModel):
         filled = positions <= step
         row, column = step // decoder.grid[1], step % decoder.grid[1]  # the one position, not the whole table
         hidden_states = decoder.code_embedding(tokens) + decoder.row_embedding(row) + decoder.column_embedding(column)
-        for index, (layer, key_value) in enumerate(zip(decoder.layers, text_key_values)):
+        for index, (layer, (key, value)) in enumerate(zip(decoder.layers, text_key_values)):
             attention = partial(cached_self_attention, key_cache=cache[index, 0], value_cache=cache[index, 1],
                                 step=step, filled=filled)
-            hidden_states = layer(hidden_states, key_value, text_mask, attention)
+            hidden_states = layer(hidden_states, key, value, text_mask, self_attention=attention)[0]
         return self.token_head(decoder.norm(hidden_states))[:, 0]
 
     @torch.no_grad()

@@ -6,6 +6,7 @@ Read top to bottom: building blocks (attention, decoder layer, decoder), the pre
 """
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -13,10 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedModel, T5EncoderModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, cached_file, logging
 
-from .configuration_pdm import ArgumentError, PDMConfig, PDMGenerationConfig, is_finite_number, is_integer
+from .configuration_pdm import PDMConfig, PDMGenerationConfig, is_finite_number, is_integer
+# Imported here, not only through configuration_pdm: diffusers' remote-code loader copies the modules this file imports
+# (not theirs) beside it.
+from .errors import ArgumentError
 from .ordering import IGNORE_INDEX, Generators
 from .sampling import StageRun
 
@@ -93,29 +98,35 @@ class PDMAttention(nn.Module):
     def project_key_value(self, key_value_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return self._split_heads(self.k_proj(key_value_states)), self._split_heads(self.v_proj(key_value_states))
 
-    def attend(self, query, key, value, attention_mask=None, is_causal=False) -> torch.Tensor:
-        """(batch, Q, hidden): the output projection of attention of `query` (batch, heads, Q, head_dim) over `key`
-        and `value` (batch, heads, S, head_dim); `attention_mask` boolean, broadcastable to (batch, heads, Q, S)."""
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, _ = attention_interface(
+    def attend(self, query, key, value, attention_mask=None, is_causal=False, output_attentions=False):
+        """((batch, Q, hidden) output projection, attention weights (batch, heads, Q, S) or None) of attention of
+        `query` (batch, heads, Q, head_dim) over `key` and `value` (batch, heads, S, head_dim); `attention_mask`
+        boolean, broadcastable to (batch, heads, Q, S). SDPA returns no weights: `output_attentions` runs the eager
+        path for the call, as transformers' models fall back to it."""
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        attn_output, attn_weights = attention_interface(
             self, query, key, value, attention_mask, dropout=self.dropout if self.training else 0.0,
             scaling=self.scaling, is_causal=is_causal,
         )
-        return self.o_proj(attn_output.flatten(2))
+        return self.o_proj(attn_output.flatten(2)), attn_weights if output_attentions else None
 
-    def forward(self, hidden_states, key_value_states=None, key_value=None, attention_mask=None):
-        if key_value is None:
-            key_value = self.project_key_value(hidden_states if key_value_states is None else key_value_states)
-        key, value = key_value
+    def forward(self, hidden_states, key=None, value=None, attention_mask=None, output_attentions=False):
+        """Self-attention over `hidden_states`, or cross-attention over precomputed `key` and `value`; returns
+        (output, weights or None)."""
+        if key is None:
+            key, value = self.project_key_value(hidden_states)
         query = self._split_heads(self.q_proj(hidden_states))
         mask = None if attention_mask is None else attention_mask[:, None, None, :]
-        return self.attend(query, key, value, mask)
+        return self.attend(query, key, value, mask, output_attentions=output_attentions)
 
 
-class PDMDecoderLayer(nn.Module):
-    """Pre-norm decoder layer: bidirectional self-attention (no causal mask), cross-attention to the text, MLP."""
+class PDMDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm decoder layer: bidirectional self-attention (no causal mask), cross-attention to the text, MLP.
+
+    The text's cross-attention keys and values come in as two tensors of their own (computed once per prompt): under
+    reentrant gradient checkpointing only positional tensor arguments carry gradients back, to a T5 being trained.
+    """
 
     def __init__(self, config: PDMConfig):
         super().__init__()
@@ -132,27 +143,83 @@ class PDMDecoderLayer(nn.Module):
         )
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, hidden_states, text_key_value, text_mask, self_attention=None):
-        """`self_attention(attn, normed_states)`, when given, replaces the bidirectional self-attention: the
-        autoregressive baseline passes its causal and KV-cached versions and so shares these weights and this code."""
+    def forward(self, hidden_states, text_key, text_value, text_mask, self_attention=None, output_attentions=False):
+        """(hidden states, self-attention weights or None, cross-attention weights or None).
+
+        `self_attention(attn, normed_states, output_attentions)`, when given, replaces the bidirectional
+        self-attention: the autoregressive baseline passes its causal and KV-cached versions and so shares these
+        weights and this code."""
         normed = self.self_attn_norm(hidden_states)
-        attended = self.self_attn(normed) if self_attention is None else self_attention(self.self_attn, normed)
+        attend = self.self_attn if self_attention is None else partial(self_attention, self.self_attn)
+        attended, self_weights = attend(normed, output_attentions=output_attentions)
         hidden_states = hidden_states + self.dropout(attended)
-        hidden_states = hidden_states + self.dropout(
-            self.cross_attn(self.cross_attn_norm(hidden_states), key_value=text_key_value, attention_mask=text_mask)
-        )
-        return hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
+        crossed, cross_weights = self.cross_attn(self.cross_attn_norm(hidden_states), key=text_key, value=text_value,
+                                                 attention_mask=text_mask, output_attentions=output_attentions)
+        hidden_states = hidden_states + self.dropout(crossed)
+        hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
+        return hidden_states, self_weights, cross_weights
 
 
-class PDMDecoder(nn.Module):
-    """Image-token decoder: code embedding + 2-D position embedding, `num_hidden_layers` layers, final norm.
+@dataclass
+class PDMDecoderOutput(ModelOutput):
+    """Output of [`PDMDecoderModel`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch, L, hidden)`): the final (normed) states.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): with `output_hidden_states`, the embeddings and the
+            output of every layer (the last one normed), each (batch, L, hidden).
+        attentions (`tuple(torch.FloatTensor)`, *optional*): with `output_attentions`, each layer's self-attention
+            weights, (batch, heads, L, L).
+        cross_attentions (`tuple(torch.FloatTensor)`, *optional*): with `output_attentions`, each layer's
+            attention weights over the prompt, (batch, heads, L, S).
+    """
+
+    last_hidden_state: Optional[torch.FloatTensor] = None
+    hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
+    attentions: Optional[Tuple[torch.FloatTensor, ...]] = None
+    cross_attentions: Optional[Tuple[torch.FloatTensor, ...]] = None
+
+
+def init_pdm_weights(module: nn.Module, config: PDMConfig):
+    """N(0, `initializer_range`) for linear layers and embeddings, zero biases, LayerNorms at the identity."""
+    std = config.initializer_range
+    if isinstance(module, nn.Linear):
+        init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        init.normal_(module.weight, mean=0.0, std=std)
+    elif isinstance(module, nn.LayerNorm):
+        init.ones_(module.weight)
+        init.zeros_(module.bias)
+
+
+class PDMDecoderModel(PreTrainedModel):
+    """The image-token decoder without heads: code embedding + 2-D position embedding, `num_hidden_layers` layers,
+    final norm. It is the base model (`model.base_model`) that PDM's token and state heads and the autoregressive
+    baseline's token head sit on; the T5 text encoder, the other half of the body, is a pretrained model of its own.
 
     The 2-D position is a learned row embedding plus a learned column embedding, so the decoder knows where on
     the (h, w) grid each code lies.
+
+    Inputs of `forward`:
+        image_tokens (`torch.LongTensor` of shape `(batch, L)`): codes in `[0, K)` or `[MASK]` = K.
+        text_key_values (list of `(key, value)`): every layer's cross-attention keys and values of the prompt,
+            each (batch, heads, S, head_dim), from `text_key_values`.
+        text_mask (`torch.BoolTensor` of shape `(batch, S)`): True on prompt tokens.
+
+    Returns a [`PDMDecoderOutput`].
     """
 
+    config_class = PDMConfig
+    base_model_prefix = "decoder"
+    main_input_name = "image_tokens"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["PDMDecoderLayer"]
+    _supports_sdpa = True
+
     def __init__(self, config: PDMConfig):
-        super().__init__()
+        super().__init__(config)
         self.grid = config.token_grid_size
         hidden = config.hidden_size
         self.code_embedding = nn.Embedding(config.codebook_size + 1, hidden)  # + [MASK]
@@ -160,7 +227,20 @@ class PDMDecoder(nn.Module):
         self.column_embedding = nn.Embedding(self.grid[1], hidden)
         self.layers = nn.ModuleList(PDMDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
-        self.gradient_checkpointing = False
+        self.post_init()
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        return False  # see PDMPreTrainedModel.is_custom_code
+
+    def _init_weights(self, module):
+        init_pdm_weights(module, self.config)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.code_embedding
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.code_embedding = value
 
     def position_embedding(self) -> torch.Tensor:
         """(L, hidden) embedding of every grid position in raster order."""
@@ -172,16 +252,28 @@ class PDMDecoder(nn.Module):
         """Cross-attention keys and values of every layer; computed once per prompt, reused at every stage."""
         return [layer.cross_attn.project_key_value(text_states) for layer in self.layers]
 
-    def forward(self, image_tokens, text_key_values, text_mask, self_attention=None):
+    def forward(self, image_tokens, text_key_values, text_mask, self_attention=None, output_hidden_states=None,
+                output_attentions=None, return_dict=None):
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         hidden_states = self.code_embedding(image_tokens) + self.position_embedding()
-        for layer, key_value in zip(self.layers, text_key_values):
-            if self.gradient_checkpointing and self.training:
-                hidden_states = self._gradient_checkpointing_func(
-                    layer.__call__, hidden_states, key_value, text_mask, self_attention
-                )
-            else:
-                hidden_states = layer(hidden_states, key_value, text_mask, self_attention)
-        return self.norm(hidden_states)
+        all_hidden, self_attentions, cross_attentions = [], [], []
+        for layer, (key, value) in zip(self.layers, text_key_values):
+            all_hidden.append(hidden_states)
+            hidden_states, self_weights, cross_weights = layer(
+                hidden_states, key, value, text_mask, self_attention=self_attention,
+                output_attentions=output_attentions)
+            self_attentions.append(self_weights)
+            cross_attentions.append(cross_weights)
+        hidden_states = self.norm(hidden_states)
+        all_hidden.append(hidden_states)
+        output = PDMDecoderOutput(
+            last_hidden_state=hidden_states, hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(self_attentions) if output_attentions else None,
+            cross_attentions=tuple(cross_attentions) if output_attentions else None,
+        )
+        return output if return_dict is not False else output.to_tuple()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,8 +306,10 @@ def check_num_images(num_images_per_prompt):
 
 class PDMPreTrainedModel(PreTrainedModel):
     config_class = PDMConfig
-    # The image-token decoder is the body that the heads sit on (`model.base_model`), shared by PDM and the
-    # autoregressive baseline; the T5 text encoder is a `PreTrainedModel` of its own.
+    # The base model (`model.base_model`) is the headless image-token decoder, a `PDMDecoderModel` shared by PDM and
+    # the autoregressive baseline, which differ in their heads and attention masks; the T5 text encoder is a
+    # `PreTrainedModel` of its own. Parameter names stay `decoder.*` and `text_encoder.*` (no renaming of
+    # checkpoints).
     base_model_prefix = "decoder"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
@@ -228,20 +322,20 @@ class PDMPreTrainedModel(PreTrainedModel):
 
         Applied to the decoder and the heads; transformers initializes the T5 text encoder with T5's own rule.
         """
-        std = self.config.initializer_range
         if module is getattr(self, "text_position_embedding", None):
             # At the scale of T5's own token embeddings (or of its normalised output states), so that word order
             # weighs in from the first step as much as word identity does.
             init.normal_(module.weight, mean=0.0, std=self.config.text_config.initializer_factor)
-        elif isinstance(module, nn.Linear):
-            init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
+        else:
+            init_pdm_weights(module, self.config)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The prompt's token embedding (T5's shared embedding): what `resize_token_embeddings` grows when words are
+        added to the caption tokenizer, and what peft's input-gradient hooks wrap."""
+        return self.text_encoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.text_encoder.set_input_embeddings(value)
 
     @classmethod
     def is_custom_code(cls) -> bool:
@@ -266,10 +360,14 @@ class PDMPreTrainedModel(PreTrainedModel):
                                           f"{type(base).__name__}")
         return base.updated(**overrides).resolved(self.config)
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """transformers' `save_pretrained`, and the generation defaults as `generation_config.json`."""
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
+    def save_pretrained(self, save_directory, is_main_process: bool = True, safe_serialization: bool = True,
+                        variant: Optional[str] = None, **kwargs):
+        """transformers' `save_pretrained`, and the generation defaults as `generation_config.json`. The arguments that
+        diffusers passes to each component when it saves a pipeline (`safe_serialization`, `variant`) are named, as
+        diffusers looks for them in the signature."""
+        super().save_pretrained(save_directory, is_main_process=is_main_process, safe_serialization=safe_serialization,
+                                variant=variant, **kwargs)
+        if is_main_process:
             self.generation_config.save_pretrained(save_directory)
 
     def _freeze_text_encoder(self):
@@ -450,6 +548,8 @@ class PDMOutput(ModelOutput):
         state_loss (`torch.FloatTensor` of shape `()`): cross-entropy of the states keep / generate / replace.
         token_logits (`torch.FloatTensor` of shape `(batch, L, codebook_size)`): scores of every code.
         state_logits (`torch.FloatTensor` of shape `(batch, L, 3)`): scores of keep / generate / replace.
+        hidden_states, attentions, cross_attentions: with `output_hidden_states` / `output_attentions`, the
+            decoder's per-layer states and attention weights, as in [`PDMDecoderOutput`].
     """
 
     loss: Optional[torch.FloatTensor] = None
@@ -457,6 +557,9 @@ class PDMOutput(ModelOutput):
     state_loss: Optional[torch.FloatTensor] = None
     token_logits: Optional[torch.FloatTensor] = None
     state_logits: Optional[torch.FloatTensor] = None
+    hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
+    attentions: Optional[Tuple[torch.FloatTensor, ...]] = None
+    cross_attentions: Optional[Tuple[torch.FloatTensor, ...]] = None
 
 
 @dataclass
@@ -496,7 +599,7 @@ class PDMForTextToImage(PDMPreTrainedModel):
     def __init__(self, config: PDMConfig):
         super().__init__(config)
         self._init_text_encoder(config)
-        self.decoder = PDMDecoder(config)
+        self.decoder = PDMDecoderModel(config)
         self.token_head = nn.Linear(config.hidden_size, config.codebook_size)
         self.state_head = nn.Linear(config.hidden_size, 3)
         self.post_init()
@@ -506,7 +609,7 @@ class PDMForTextToImage(PDMPreTrainedModel):
 
     def decode(self, image_tokens, text_key_values, text_mask) -> Tuple[torch.Tensor, torch.Tensor]:
         """Token logits (batch, L, K) and state logits (batch, L, 3) of one decoder pass."""
-        hidden_states = self.decoder(image_tokens, text_key_values, text_mask)
+        hidden_states = self.decoder(image_tokens, text_key_values, text_mask).last_hidden_state
         return self.token_head(hidden_states), self.state_head(hidden_states)
 
     def _check_image_tokens(self, image_tokens: torch.Tensor):
@@ -533,14 +636,17 @@ class PDMForTextToImage(PDMPreTrainedModel):
         token_labels: Optional[torch.LongTensor] = None,
         state_labels: Optional[torch.LongTensor] = None,
         encoder_hidden_states: Optional[torch.FloatTensor] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
         return_dict: Optional[bool] = None,
     ):
         if image_tokens is None:
             raise ValueError("image_tokens is required: the codes Y^{t-1} of shape (batch, L)")
         self._check_image_tokens(image_tokens)
-        token_logits, state_logits = self.decode(
-            image_tokens, *self._text_inputs(input_ids, attention_mask, encoder_hidden_states)
-        )
+        decoded = self.decoder(image_tokens, *self._text_inputs(input_ids, attention_mask, encoder_hidden_states),
+                               output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        token_logits = self.token_head(decoded.last_hidden_state)
+        state_logits = self.state_head(decoded.last_hidden_state)
 
         token_loss = state_loss = loss = None
         if token_labels is not None:
@@ -551,7 +657,8 @@ class PDMForTextToImage(PDMPreTrainedModel):
         if losses:
             loss = sum(losses)
         output = PDMOutput(
-            loss=loss, token_loss=token_loss, state_loss=state_loss, token_logits=token_logits, state_logits=state_logits
+            loss=loss, token_loss=token_loss, state_loss=state_loss, token_logits=token_logits, state_logits=state_logits,
+            hidden_states=decoded.hidden_states, attentions=decoded.attentions, cross_attentions=decoded.cross_attentions,
         )
         return output if return_dict is not False else output.to_tuple()
 

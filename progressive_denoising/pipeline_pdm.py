@@ -36,6 +36,8 @@ UNDECODED = ("latent", "codes")
 MAX_PROMPT_TOKENS = 256
 # Arguments of `from_pretrained` that say where and how to download a Hub repository.
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+# Loading arguments that diffusers applies to every component, and that the model loaded here gets too.
+MODEL_LOADING_KWARGS = ("variant", "use_safetensors", "device_map", "low_cpu_mem_usage", *HUB_KWARGS)
 CARD_TAGS = ["progressive-denoising", "pdm", "text-to-image", "custom_code"]
 
 logger = logging.get_logger(__name__)
@@ -125,11 +127,15 @@ class PDMPipeline(DiffusionPipeline):
             folder = snapshot_download(folder, **{key: kwargs[key] for key in HUB_KWARGS if key in kwargs})
         if "model" not in kwargs and os.path.isdir(os.path.join(folder, "model")):
             # `AutoModel` picks PDM or the autoregressive baseline from the saved config, through the classes this
-            # package registers for it.
+            # package registers for it; it gets the loading arguments diffusers gives every other component.
+            model_kwargs = {key: kwargs[key] for key in MODEL_LOADING_KWARGS if kwargs.get(key) is not None}
             dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
             if isinstance(dtype, dict):  # one dtype per component, as diffusers takes it
                 dtype = dtype.get("model", dtype.get("default", torch.float32))
-            model_kwargs = {} if dtype is None else {"dtype": dtype}
+            if dtype is not None:
+                model_kwargs["dtype"] = dtype
+            if isinstance(model_kwargs.get("device_map"), dict):  # diffusers' per-component map
+                model_kwargs["device_map"] = model_kwargs["device_map"].get("model", "cpu")
             kwargs["model"] = AutoModel.from_pretrained(os.path.join(folder, "model"), **model_kwargs)
         return super().from_pretrained(folder, **kwargs)
 

@@ -97,6 +97,84 @@ def test_base_model_prefix_names_the_decoder(model_class):
     assert model.base_model is model.decoder is getattr(model, model.base_model_prefix)
 
 
+@pytest.mark.parametrize("model_class", MODEL_CLASSES)
+def test_base_model_is_a_pretrained_model_of_its_own(model_class, tmp_path):
+    """The headless decoder saves and loads alone, and gives the heads' input unchanged."""
+    from progressive_denoising.modeling_pdm import PDMDecoderModel
+
+    model = make(model_class)
+    assert isinstance(model.base_model, PDMDecoderModel) and isinstance(model.base_model, PreTrainedModel)
+    model.base_model.save_pretrained(tmp_path)
+    loaded = PDMDecoderModel.from_pretrained(tmp_path).eval()
+    batch = inputs(model.config)
+    text_key_values, text_mask = model._text_inputs(batch["input_ids"], batch["attention_mask"], None)
+    with torch.no_grad():
+        expected = model.decoder(batch["image_tokens"], text_key_values, text_mask).last_hidden_state
+        assert torch.equal(loaded(batch["image_tokens"], text_key_values, text_mask).last_hidden_state, expected)
+
+
+# -- hidden states, attentions and input embeddings, as every transformers model has them ---------------------------
+
+
+@pytest.mark.parametrize("model_class", MODEL_CLASSES)
+def test_hidden_states_and_attentions_per_layer(model_class):
+    model = make(model_class)
+    config, batch = model.config, inputs(model.config)
+    with torch.no_grad():
+        plain = model(**batch)
+        out = model(**batch, output_hidden_states=True, output_attentions=True)
+    assert plain.hidden_states is None and plain.attentions is None
+    layers, batch_size, num_tokens = config.num_hidden_layers, 2, config.num_image_tokens
+    assert len(out.hidden_states) == layers + 1
+    assert all(h.shape == (batch_size, num_tokens, config.hidden_size) for h in out.hidden_states)
+    assert len(out.attentions) == len(out.cross_attentions) == layers
+    heads = config.num_attention_heads
+    assert all(a.shape == (batch_size, heads, num_tokens, num_tokens) for a in out.attentions)
+    assert all(a.shape == (batch_size, heads, num_tokens, 5) for a in out.cross_attentions)
+    torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(batch_size, heads, num_tokens))
+    # the padded prompt token gets no attention, and asking for the weights does not change the logits
+    assert torch.equal(out.cross_attentions[0][0, :, :, -1], torch.zeros(heads, num_tokens))
+    torch.testing.assert_close(out.token_logits, plain.token_logits, atol=1e-5, rtol=1e-5)
+    # the last hidden state is what the heads read
+    torch.testing.assert_close(model.token_head(out.hidden_states[-1]), out.token_logits)
+    if model_class is PDMARForTextToImage:  # causal: nothing attends to a later position
+        assert torch.equal(out.attentions[0].triu(1), torch.zeros_like(out.attentions[0]))
+
+
+@pytest.mark.parametrize("model_class", MODEL_CLASSES)
+def test_input_embeddings_are_the_prompt_embeddings_and_resize(model_class, tmp_path):
+    """Adding words to the caption tokenizer: `resize_token_embeddings` grows T5's embedding, the old rows stay, the
+    new ids work, and the resized model saves and loads."""
+    model = make(model_class)
+    assert model.get_input_embeddings() is model.text_encoder.shared
+    old = model.get_input_embeddings().weight.clone()
+    model.resize_token_embeddings(old.shape[0] + 3)
+    assert model.get_input_embeddings().weight.shape[0] == old.shape[0] + 3
+    assert model.config.text_config.vocab_size == old.shape[0] + 3
+    assert torch.equal(model.get_input_embeddings().weight[: old.shape[0]], old)
+    assert model.text_encoder.encoder.embed_tokens is model.get_input_embeddings()
+    batch = inputs(model.config)
+    batch["input_ids"][0, 0] = old.shape[0] + 2  # a new word
+    with torch.no_grad():
+        logits = model(**batch).token_logits
+    model.save_pretrained(tmp_path)
+    loaded = model_class.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).token_logits, logits)
+
+
+def test_enable_input_require_grads_reaches_the_prompt_embeddings():
+    """peft's hook for a frozen model with adapters: the embedding output requires grad."""
+    model = make(PDMForTextToImage)
+    model.requires_grad_(False)
+    model.enable_input_require_grads()
+    batch = inputs(model.config)
+    states = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    assert not states.requires_grad  # a frozen text encoder runs without gradients
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    assert embeds.requires_grad
+
+
 def test_models_initialize_their_own_weights():
     assert "_init_weights" in PDMPreTrainedModel.__dict__
     assert PDMPreTrainedModel._init_weights is not PreTrainedModel._init_weights

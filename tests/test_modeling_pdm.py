@@ -144,18 +144,25 @@ def test_cached_text_states_give_the_same_outputs(tester):
     torch.testing.assert_close(model(**inputs).token_logits, model(**cached).token_logits)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tester):
-    model = PDMForTextToImage(tester.config).train()
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_gradients(tester, use_reentrant):
+    """Both checkpointing modes, with the text encoder trained too: the cross-attention keys and values computed
+    from the T5 states outside the layers must carry their gradients back through the checkpointed layers."""
+    torch.manual_seed(0)
+    model = PDMForTextToImage(PDMConfig(**{**tester.config.to_dict(), "freeze_text_encoder": False})).train()
     inputs = tester.inputs()
     model(**inputs).loss.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert any(name.startswith("text_encoder.") for name in expected)
     model.zero_grad()
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
-    assert model.decoder.gradient_checkpointing
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    assert all(layer.gradient_checkpointing for layer in model.decoder.layers)
     model(**inputs).loss.backward()
     for name, grad in expected.items():
-        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_bfloat16_forward_is_finite(tester):

@@ -294,3 +294,30 @@ def test_pdm_help_lists_commands():
     result = subprocess.run([sys.executable, "-m", "progressive_denoising.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "generate" in result.stdout and "tokenize" in result.stdout
     assert subprocess.run([sys.executable, "-m", "progressive_denoising.cli", "nope"], capture_output=True).returncode == 2
+
+
+def test_loading_arguments_reach_the_model(tmp_path, monkeypatch):
+    """diffusers applies every loading argument to every component: a variant saved is loaded back, and `variant`,
+    `use_safetensors`, `low_cpu_mem_usage`, `device_map` and `dtype` reach the model as they reach the VQ model."""
+    from transformers import AutoModel
+
+    pipe = PDMPipeline(tokenizer=tiny_tokenizer(), model=tiny_model(), vqvae=tiny_vqmodel())
+    pipe.save_pretrained(tmp_path, variant="fp16")
+    assert (tmp_path / "model" / "model.fp16.safetensors").is_file()
+    loaded = PDMPipeline.from_pretrained(tmp_path, variant="fp16", dtype=torch.bfloat16)
+    assert loaded.model.dtype == torch.bfloat16 and loaded.vqvae.dtype == torch.bfloat16
+    for name, tensor in pipe.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[name].float(), tensor.to(torch.bfloat16).float())
+
+    seen = {}
+    original = AutoModel.from_pretrained
+
+    def recording(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModel, "from_pretrained", recording)
+    PDMPipeline.from_pretrained(tmp_path, variant="fp16", use_safetensors=True, low_cpu_mem_usage=True,
+                                device_map="cpu")
+    assert {"variant": "fp16", "use_safetensors": True, "low_cpu_mem_usage": True, "device_map": "cpu"}.items() \
+        <= seen.items()
