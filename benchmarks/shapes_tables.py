@@ -55,7 +55,7 @@ P_ERROR_ARMS = (0.0, 0.3, 0.5, 0.7, 1.0)
 # recogniser's prompt alignment; 64 prompts a step, 8 rollouts each, each rollout's baseline the mean of its prompt's
 # other seven. Fewer rollouts (16 x 4 a step, 300 steps) left the reward flat: the order moves a step's mean reward by
 # a few hundredths, below that batch's noise (docs/results/learned-order/README.md).
-POLICY_OPTIONS = ("--batch_size", "64", "--rollouts_per_prompt", "8", "--baseline", "per-prompt",
+POLICY_OPTIONS = ("--train_batch_size", "64", "--rollouts_per_prompt", "8", "--baseline", "per-prompt",
                   "--learning_rate", "3e-4", "--reward", "alignment")
 
 
@@ -204,7 +204,7 @@ def train_arm(args, name, overrides, seed):
     pipeline folder."""
     output_dir = arm_folder(args, name, seed)
     # `latest` resumes an arm that was interrupted (and starts one that has no checkpoint yet).
-    return run_unless_done([sys.executable, "-m", "training.train_pdm", "--config", args.config, "--max_steps",
+    return run_unless_done([sys.executable, "-m", "training.train_pdm", "--config", args.config, "--max_train_steps",
                             str(args.max_steps), "--output_dir", output_dir, "--resume_from_checkpoint", "latest",
                             *overrides, f"seed={seed}"], output_dir)
 
@@ -215,8 +215,9 @@ def train_learned_arm(args, fixed_order_folder, seed):
     with open(args.config) as f:
         dataset = yaml.safe_load(f)["dataset"]
     return run_unless_done([sys.executable, "-m", "training.train_policy", "--model_name_or_path", fixed_order_folder,
-                            "--dataset", dataset, "--max_steps", str(args.policy_steps), "--output_dir", output_dir,
-                            "--seed", str(seed), "--recogniser", args.recogniser, *POLICY_OPTIONS], output_dir)
+                            "--dataset", dataset, "--max_train_steps", str(args.policy_steps), "--output_dir",
+                            output_dir, "--seed", str(seed), "--recogniser", args.recogniser, *POLICY_OPTIONS],
+                           output_dir)
 
 
 def load_arm(folder, config):

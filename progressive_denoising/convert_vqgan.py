@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import sys
 from typing import Iterator
 
 import torch
@@ -310,14 +309,3 @@ def convert_taming_vqgan(checkpoint_path: str, config_path: str):
     ddconfig, n_embed, embed_dim = load_taming_config(config_path)
     state_dict = load_taming_state_dict(checkpoint_path)
     return vqmodel_from_taming_state_dict(state_dict, ddconfig, n_embed, embed_dim)
-
-
-def main(argv=None, prog=None) -> int:
-    """`pdm convert-vqgan`; the command line lives in `progressive_denoising.commands.convert_vqgan`."""
-    from .commands.convert_vqgan import main as command_main
-
-    return command_main(argv, prog=prog or "pdm convert-vqgan")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,9 +12,9 @@ Other non-image columns are kept. Unreadable images are skipped and reported in 
 
 Under `accelerate launch` each process encodes a contiguous shard on its own device and writes it to
 `OUTPUT.pdm_shards/`; the main process concatenates the shards in rank order. With several machines,
-OUTPUT must be on a file system they share.
+OUTPUT must be on a file system they share. `pdm tokenize` is the command line of `tokenize`:
 
-    accelerate launch -m progressive_denoising.tokenize_data --dataset DIR --vqvae VQ_DIR --output OUT
+    accelerate launch -m progressive_denoising.commands.tokenize --dataset DIR --vqvae VQ_DIR --output OUT
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import io
 import json
 import os
 import shutil
-import sys
+
+from .files import atomic_output
 
 REPORT_NAME = "pdm_tokenization.json"
 
@@ -141,17 +142,18 @@ def contiguous_shard(source, num_shards: int, index: int):
     return source.shard(num_shards=num_shards, index=index, contiguous=True)
 
 
-def tokenize_shard(shard, vqvae, resolution, args, offset, features, cache_file):
-    """Encode one shard; returns (tokenized Dataset, skipped list)."""
+def tokenize_shard(shard, vqvae, resolution: int, offset: int, features, cache_file: str, *, image_column: str,
+                   caption_column: str, batch_size: int):
+    """Encode one shard (`offset`: the source index of its first row); returns (tokenized Dataset, skipped list)."""
     import datasets
 
     skipped: list = []
-    shard = shard.cast_column(args.image_column, datasets.Image(decode=False))
-    encode = make_batch_encoder(vqvae, resolution, args.image_column, args.caption_column, offset, skipped)
+    shard = shard.cast_column(image_column, datasets.Image(decode=False))
+    encode = make_batch_encoder(vqvae, resolution, image_column, caption_column, offset, skipped)
     tokenized = shard.map(
         encode,
         batched=True,
-        batch_size=args.batch_size,
+        batch_size=batch_size,
         with_indices=True,
         remove_columns=shard.column_names,
         features=features,
@@ -168,27 +170,20 @@ def tokenize_shard(shard, vqvae, resolution, args, offset, features, cache_file)
 # driver
 
 
-def _load_vqvae(args, device):
+def _load_vqvae(vqvae: str, subfolder: str | None = None, dtype: str = "float32", device="cpu"):
+    """The `diffusers.VQModel` in folder or Hub id `vqvae` (in its `subfolder`, e.g. `vqvae` of a pipeline), in eval
+    mode on `device`, its weights in `dtype` ("float32", "float16" or "bfloat16")."""
     import torch
     from diffusers import VQModel
 
-    kwargs = {"subfolder": args.vqvae_subfolder} if args.vqvae_subfolder else {}
-    vqvae = VQModel.from_pretrained(args.vqvae, torch_dtype=getattr(torch, args.dtype), **kwargs)
-    return vqvae.to(device).eval()
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    model = VQModel.from_pretrained(vqvae, torch_dtype=getattr(torch, dtype), **kwargs)
+    return model.to(device).eval()
 
 
-def _write_report(folder, args, resolution, grid, codebook, num_examples, skipped) -> str:
-    report = {
-        "vqvae": args.vqvae if not args.vqvae_subfolder else os.path.join(args.vqvae, args.vqvae_subfolder),
-        "dataset": args.dataset,
-        "split": args.split,
-        "resolution": resolution,
-        "grid": list(grid),
-        "codebook_size": codebook,
-        "num_examples": num_examples,
-        "num_skipped": len(skipped),
-        "skipped": sorted(skipped, key=lambda item: item["index"]),
-    }
+def _write_report(folder: str, report: dict, skipped: list) -> str:
+    """`REPORT_NAME` in `folder`: what was tokenized, how, and the skipped images in source order."""
+    report = {**report, "num_skipped": len(skipped), "skipped": sorted(skipped, key=lambda item: item["index"])}
     path = os.path.join(folder, REPORT_NAME)
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
@@ -210,12 +205,68 @@ def _gather(work_dir: str, world_size: int, features):
     return datasets.concatenate_datasets(parts), skipped
 
 
-def tokenize(args) -> dict:
-    """Run the tokenization described by parsed `args`; returns the report (on every process)."""
+def _encode_own_shard(source, vqvae, resolution, features, work_dir, rank, world_size, **encoding):
+    """This process's contiguous shard of `source`, encoded into `work_dir` with the list of its skipped images."""
+    shard = contiguous_shard(source, world_size, rank)
+    offset = shard_offset(len(source), world_size, rank)
+    cache_file = os.path.join(work_dir, f"cache{rank:05d}.arrow")
+    tokenized, skipped = tokenize_shard(shard, vqvae, resolution, offset, features, cache_file, **encoding)
+    if len(tokenized):  # datasets cannot reload an empty saved part
+        tokenized.save_to_disk(os.path.join(work_dir, f"rank{rank:05d}"))
+    with open(os.path.join(work_dir, f"skipped{rank:05d}.json"), "w", encoding="utf-8") as handle:
+        json.dump(skipped, handle)
+
+
+def _save_gathered(work_dir, world_size, features, output, report, push_to_hub):
+    """The main process's part: every shard of `work_dir` in rank order saved to `output` with the report, all or
+    nothing (written beside `output` and renamed into place once complete, replacing an old `output` only then)."""
+    result, skipped = _gather(work_dir, world_size, features)
+    with atomic_output(output, folder=True) as temporary:
+        # An empty data set must be saved as one (empty) shard, or load_from_disk cannot read it back.
+        result.save_to_disk(temporary, num_shards=1 if len(result) == 0 else None)
+        _write_report(temporary, {**report, "num_examples": len(result)}, skipped)
+    if push_to_hub:
+        result.push_to_hub(push_to_hub)
+    num_examples = len(result)
+    del result  # it maps the shards' files, which go now
+    shutil.rmtree(work_dir, ignore_errors=True)
+    print(f"tokenized {num_examples} examples into {output} ({report['grid'][0]}x{report['grid'][1]} codes at "
+          f"{report['resolution']}px); skipped {len(skipped)} unreadable image(s), listed in "
+          f"{os.path.join(output, REPORT_NAME)}")
+
+
+def tokenize(
+    dataset: str,
+    vqvae: str,
+    output: str,
+    *,
+    split: str = "train",
+    dataset_config: str | None = None,
+    image_column: str = "image",
+    caption_column: str = "caption",
+    vqvae_subfolder: str | None = None,
+    resolution: int | None = None,
+    batch_size: int = 32,
+    max_examples: int | None = None,
+    dtype: str = "float32",
+    push_to_hub: str | None = None,
+) -> dict:
+    """Tokenize split `split` of the image-text source `dataset` (see the module docstring) with the VQ model
+    `vqvae` into the `save_to_disk` folder `output`; returns the report written there (on every process).
+
+    Args:
+        dataset_config: configuration name of a Hub data set.
+        image_column, caption_column: the source's columns; the caption column is renamed `caption`.
+        vqvae_subfolder: the VQ model's folder inside `vqvae` (e.g. `vqvae` of a pipeline folder).
+        resolution: image side the images are resized and cropped to; default: the VQ model's `sample_size`.
+        batch_size: images encoded at once (per process).
+        max_examples: tokenize only the first N examples of the split.
+        dtype: of the VQ encoder's weights (distances are always computed in float32).
+        push_to_hub: a Hub data set id to push the result to as well.
+    """
     import datasets
     from accelerate import Accelerator
 
-    from .commands.files import atomic_output
     from .vq import codebook_size, vq_grid
 
     accelerator = Accelerator()
@@ -223,57 +274,26 @@ def tokenize(args) -> dict:
     if not accelerator.is_main_process:
         datasets.disable_progress_bars()
 
-    vqvae = _load_vqvae(args, accelerator.device)
-    resolution = args.resolution or int(vqvae.config.sample_size)
-    grid = vq_grid(vqvae, resolution)
+    model = _load_vqvae(vqvae, vqvae_subfolder, dtype, accelerator.device)
+    resolution = resolution or int(model.config.sample_size)
+    grid = vq_grid(model, resolution)
 
-    source = load_source(args.dataset, args.split, args.dataset_config)
-    _check_columns(source, args.image_column, args.caption_column)
-    if args.max_examples is not None:
-        source = source.select(range(min(args.max_examples, len(source))))
-    features = output_features(source.features, args.image_column, args.caption_column, grid[0] * grid[1])
+    source = load_source(dataset, split, dataset_config)
+    _check_columns(source, image_column, caption_column)
+    if max_examples is not None:
+        source = source.select(range(min(max_examples, len(source))))
+    features = output_features(source.features, image_column, caption_column, grid[0] * grid[1])
 
-    work_dir = os.path.abspath(args.output).rstrip(os.sep) + ".pdm_shards"
+    work_dir = os.path.abspath(output).rstrip(os.sep) + ".pdm_shards"
     os.makedirs(work_dir, exist_ok=True)
     accelerator.wait_for_everyone()
-
-    shard = contiguous_shard(source, world_size, rank)
-    offset = shard_offset(len(source), world_size, rank)
-    cache_file = os.path.join(work_dir, f"cache{rank:05d}.arrow")
-    tokenized, skipped = tokenize_shard(shard, vqvae, resolution, args, offset, features, cache_file)
-    if len(tokenized):  # datasets cannot reload an empty saved part
-        tokenized.save_to_disk(os.path.join(work_dir, f"rank{rank:05d}"))
-    with open(os.path.join(work_dir, f"skipped{rank:05d}.json"), "w", encoding="utf-8") as handle:
-        json.dump(skipped, handle)
+    _encode_own_shard(source, model, resolution, features, work_dir, rank, world_size, image_column=image_column,
+                      caption_column=caption_column, batch_size=batch_size)
     accelerator.wait_for_everyone()
-
-    report_path = None
     if accelerator.is_main_process:
-        result, skipped = _gather(work_dir, world_size, features)
-        # Written beside --output and renamed into place once complete (replacing an old --output only then).
-        with atomic_output(args.output, folder=True) as temporary:
-            # An empty data set must be saved as one (empty) shard, or load_from_disk cannot read it back.
-            result.save_to_disk(temporary, num_shards=1 if len(result) == 0 else None)
-            _write_report(temporary, args, resolution, grid, codebook_size(vqvae), len(result), skipped)
-        report_path = os.path.join(args.output, REPORT_NAME)
-        if args.push_to_hub:
-            result.push_to_hub(args.push_to_hub)
-        del result
-        shutil.rmtree(work_dir, ignore_errors=True)
-        print(f"tokenized {len(source) - len(skipped)} examples into {args.output} "
-              f"({grid[0]}x{grid[1]} codes at {resolution}px); skipped {len(skipped)} unreadable image(s), "
-              f"listed in {report_path}")
+        report = {"vqvae": os.path.join(vqvae, vqvae_subfolder) if vqvae_subfolder else vqvae, "dataset": dataset,
+                  "split": split, "resolution": resolution, "grid": list(grid), "codebook_size": codebook_size(model)}
+        _save_gathered(work_dir, world_size, features, output, report, push_to_hub)
     accelerator.wait_for_everyone()
-    with open(os.path.join(args.output, REPORT_NAME), encoding="utf-8") as handle:
+    with open(os.path.join(output, REPORT_NAME), encoding="utf-8") as handle:
         return json.load(handle)
-
-
-def main(argv=None, prog=None) -> int:
-    """`pdm tokenize`; the command line lives in `progressive_denoising.commands.tokenize`."""
-    from .commands.tokenize import main as command_main
-
-    return command_main(argv, prog=prog or "pdm tokenize")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

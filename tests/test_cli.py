@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from progressive_denoising.commands import files
+from progressive_denoising import files
 
 from tiny import tiny_model, tiny_tokenizer, tiny_vqmodel
 
@@ -56,7 +56,8 @@ def workspace(tmp_path_factory):
     (ws / "bad_defaults" / "model" / "generation_config.json").write_text('{"temperature": 0.7, "beams": 4}')
     (ws / "empty").mkdir()
     (ws / "file.txt").write_text("not a checkpoint, config or data set\n")
-    (ws / "bad.yaml").write_text("max_steps: [1\n")
+    (ws / "bad.yaml").write_text("max_train_steps: [1\n")
+    (ws / "bad_keys.yaml").write_text("output_dir: rec\nsteps: 3\n")
     (ws / "shapes").mkdir()  # looks like a save_to_disk data set to the argument checks
     (ws / "shapes" / "dataset_dict.json").write_text('{"splits": ["test"]}')
     (ws / "generated").mkdir()
@@ -170,18 +171,29 @@ BAD_INPUTS = [
     ("train-pdm-bad-value", script("train_pdm.py"), ["--dataset", "{ws}/shapes", "--text_config", "{{}}",
                                                      "--p_error", "2", "--output_dir", "{out}/run"], 2, ["p_error"],
      None),
+    ("train-pdm-old-spelling", script("train_pdm.py"), ["--max_steps", "5"], 2,
+     ["--max_steps is now --max_train_steps"], None),
     ("train-policy-model-missing", script("train_policy.py"), ["--model_name_or_path", "{ws}/nope", "--dataset",
                                                                "{ws}/shapes", "--output_dir", "{out}/run"], 2,
-     ["--model-name-or-path"], None),
-    ("train-vqvae-data-missing", script("train_vqvae.py"), ["--data", "{ws}/nope", "--output", "{out}/vq"], 2,
-     ["--data"], None),
-    ("train-vqvae-output-exists", script("train_vqvae.py"), ["--data", "{ws}/shapes", "--output", "{out}/existing"],
-     2, ["--output", "--overwrite"], "folder"),
-    ("train-recogniser-without-out", script("train_recogniser.py"), ["--steps", "1"], 2, ["--out"], None),
-    ("train-recogniser-output-exists", script("train_recogniser.py"), ["--out", "{out}/existing"], 2,
-     ["--out", "--overwrite"], "folder"),
-    ("train-recogniser-size-too-small", script("train_recogniser.py"), ["--out", "{out}/rec", "--size", "8"], 2,
-     ["--size", "16"], None),
+     ["--model_name_or_path"], None),
+    ("train-policy-old-spelling", script("train_policy.py"), ["--batch_size", "5"], 2,
+     ["--batch_size is now --train_batch_size"], None),
+    ("train-vqvae-data-missing", script("train_vqvae.py"), ["--dataset", "{ws}/nope", "--output_dir", "{out}/vq"], 2,
+     ["--dataset"], None),
+    ("train-vqvae-output-exists", script("train_vqvae.py"), ["--dataset", "{ws}/shapes", "--output_dir",
+                                                             "{out}/existing"], 2, ["--output_dir", "--overwrite"],
+     "folder"),
+    ("train-vqvae-old-spelling", script("train_vqvae.py"), ["--data", "{ws}/shapes", "--output", "{out}/vq"], 2,
+     ["--data is now --dataset"], None),
+    ("train-recogniser-without-output", script("train_recogniser.py"), ["--max_train_steps", "1"], 2,
+     ["output_dir"], None),
+    ("train-recogniser-output-exists", script("train_recogniser.py"), ["--output_dir", "{out}/existing"], 2,
+     ["--output_dir", "--overwrite"], "folder"),
+    ("train-recogniser-size-too-small", script("train_recogniser.py"), ["--output_dir", "{out}/rec",
+                                                                        "--resolution", "8"], 2,
+     ["--resolution", "16"], None),
+    ("train-recogniser-config-unknown-key", script("train_recogniser.py"), ["--config", "{ws}/bad_keys.yaml"], 2,
+     ["'steps'", "is now 'max_train_steps'"], None),
 ]
 
 
@@ -285,11 +297,24 @@ def test_help_answers_without_torch_or_transformers(tmp_path):
     assert "--overwrite" in result.stdout and "--negative-prompt" in result.stdout and "--top-k" in result.stdout
 
 
-@pytest.mark.parametrize("name", ["train_pdm.py", "train_policy.py", "train_vqvae.py"])
+@pytest.mark.parametrize("name", ["train_pdm.py", "train_policy.py", "train_vqvae.py", "train_recogniser.py"])
 def test_training_scripts_answer_help(tmp_path, name):
+    """One option system: every option of a script's dataclass in its help, with its default; the shared ideas
+    spelled alike."""
+    import dataclasses
+    import importlib
+
     result = run(script(name) + ["--help"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "usage:" in result.stdout and ("--output" in result.stdout)
+    assert result.stdout.startswith(f"usage: {name} [--config FILE.yaml]")
+    for flag in ("--output_dir", "--max_train_steps", "--learning_rate", "--seed", "--config", "--debug"):
+        assert flag in result.stdout, flag
+    options = importlib.import_module("training." + name.removesuffix(".py")).Options
+    help_text = " ".join(result.stdout.partition("\noptions:\n")[2].split())  # the options, after the docstring
+    for field in dataclasses.fields(options):
+        assert f"--{field.name} " in result.stdout, field.name
+    negations = help_text.count("--no_")  # `--no_flag` of a flag that is true by default, as HfArgumentParser adds
+    assert help_text.count("(default: ") == len(dataclasses.fields(options)) + negations + 2  # --config, --debug
 
 
 def test_package_classes_are_registered_when_imported(workspace, tmp_path):

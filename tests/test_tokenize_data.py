@@ -48,7 +48,7 @@ def workspace(tmp_path_factory):
 
 def _run(workspace, output, launcher):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(workspace / "hf_home"), "PYTHONPATH": REPO_ROOT}
-    command = [*launcher, "-m", "progressive_denoising.tokenize_data", "--dataset", str(workspace / "images"),
+    command = [*launcher, "-m", "progressive_denoising.commands.tokenize", "--dataset", str(workspace / "images"),
                "--vqvae", str(workspace / "vqvae"), "--output", str(output), "--batch_size", "2"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, cwd=str(workspace))
     assert result.returncode == 0, result.stdout + result.stderr

@@ -50,8 +50,8 @@ def test_two_processes_train_and_the_loss_goes_down(config, tmp_path):
     # ACCELERATE_USE_CPU=1 starts two that talk over gloo.
     launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
-    result = run(["--config", config, "--output_dir", out, "--max_steps", "40", "--eval_steps", "40",
-                  "--checkpointing_steps", "100", "--batch_size", "8"], launcher=launcher, ACCELERATE_USE_CPU="1")
+    result = run(["--config", config, "--output_dir", out, "--max_train_steps", "40", "--eval_steps", "40",
+                  "--checkpointing_steps", "100", "--train_batch_size", "8"], launcher=launcher, ACCELERATE_USE_CPU="1")
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.load(open(os.path.join(out, "processes", f"rank-{i}.json"))) for i in range(2)]
     assert [r["process_index"] for r in ranks] == [0, 1] and all(r["num_processes"] == 2 for r in ranks)
@@ -69,7 +69,7 @@ def test_two_processes_train_and_the_loss_goes_down(config, tmp_path):
 
 def test_resuming_after_a_kill_matches_an_uninterrupted_run(config, tmp_path):
     # With an EMA: the saved weights are the average, so a resume that lost or reset it would not match.
-    common = ["--config", config, "--max_steps", "30", "--checkpointing_steps", "10", "--eval_steps", "1000",
+    common = ["--config", config, "--max_train_steps", "30", "--checkpointing_steps", "10", "--eval_steps", "1000",
               "--num_samples", "0", "--order", "random", "--p_error", "0.5", "--caption_dropout", "0.3",
               "--ema_decay", "0.9"]
     straight = str(tmp_path / "straight")
@@ -107,12 +107,12 @@ def test_compiled_eager_training_resumes_and_saves_silently(config, tmp_path):
     common = ["--config", config, "--checkpointing_steps", "2", "--eval_steps", "1000", "--num_samples", "0",
               "--torch_compile", "true", "--attn_implementation", "eager"]
     out = str(tmp_path / "compiled")
-    first = run(common + ["--output_dir", out, "--max_steps", "2"], timeout=600)
+    first = run(common + ["--output_dir", out, "--max_train_steps", "2"], timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     output = first.stderr + first.stdout
     assert "Removed shared tensor" not in output
     assert "step 2: saved" in output and "steps: 100%" in output  # the report line and the bar
-    resumed = run(common + ["--output_dir", out, "--max_steps", "4", "--resume_from_checkpoint", "latest"],
+    resumed = run(common + ["--output_dir", out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"],
                   timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
@@ -150,8 +150,8 @@ def test_checkpoints_load_with_warnings_as_errors(tmp_path):
 
 def test_the_autoregressive_baseline_trains_through_the_same_script(config, tmp_path):
     out = str(tmp_path / "ar")
-    result = run(["--config", config, "--output_dir", out, "--model_type", "ar", "--max_steps", "40",
-                  "--eval_steps", "40", "--checkpointing_steps", "100", "--batch_size", "8"])
+    result = run(["--config", config, "--output_dir", out, "--model_type", "ar", "--max_train_steps", "40",
+                  "--eval_steps", "40", "--checkpointing_steps", "100", "--train_batch_size", "8"])
     assert result.returncode == 0, result.stderr[-3000:]
     curve = [losses(out)[s] for s in range(1, 41)]
     assert sum(curve[-8:]) / 8 < sum(curve[:8]) / 8 - 0.1, "the next-code loss did not go down"
@@ -167,7 +167,7 @@ def test_the_autoregressive_baseline_trains_through_the_same_script(config, tmp_
 
 def test_a_nan_loss_stops_naming_the_step(config, tmp_path):
     out = str(tmp_path / "nan")
-    result = run(["--config", config, "--output_dir", out, "--max_steps", "5", "--learning_rate", "1e30",
+    result = run(["--config", config, "--output_dir", out, "--max_train_steps", "5", "--learning_rate", "1e30",
                   "--checkpointing_steps", "1", "--num_samples", "0"])
     assert result.returncode != 0
     assert "FloatingPointError: loss is nan at step 2" in result.stderr or "at step 2" in result.stderr, \
@@ -181,19 +181,36 @@ def test_a_nan_loss_stops_naming_the_step(config, tmp_path):
 
 def test_yaml_then_command_line_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("dataset: d\nlearning_rate: 3e-4\nema_decay: null\ntext_config: {d_model: 8}\n")
-    o = options.parse_options(Options, ["--config", str(path), "--max_steps", "7", "order=random", "--ema_decay=0.99",
-                                      "--hub_model_id", "me/1e5", "--push_to_hub"])
-    assert (o.dataset, o.learning_rate, o.max_steps, o.order) == ("d", 3e-4, 7, "random")
+    path.write_text("dataset: d\nlearning_rate: 3e-4\nema_decay: null\ntext_config: {d_model: 8}\n"
+                    "max_train_steps: 5\norder: raster\ntoken_grid_size: [4, 4]\nlog_with: tensorboard\n")
+    o = options.parse_options(Options, ["--config", str(path), "--max_train_steps", "7", "order=random",
+                                        "--ema_decay=0.99", "--hub_model_id", "me/1e5", "--push_to_hub",
+                                        "--log-with", "null", "train_batch_size=3"])
+    assert (o.dataset, o.learning_rate, o.max_train_steps, o.order) == ("d", 3e-4, 7, "random")
     assert o.ema_decay == 0.99 and o.hub_model_id == "me/1e5" and o.push_to_hub is True
-    assert o.text_config == {"d_model": 8}
+    assert o.text_config == {"d_model": 8} and o.token_grid_size == [4, 4]
+    assert o.log_with is None and o.train_batch_size == 3
+    # a mapping on the command line is YAML; an option that may be None takes null
+    o = options.parse_options(Options, ["--text_config", "{d_model: 16, num_layers: 2}", "snapshot_steps=null",
+                                        "--token_grid_size", "2", "8"])
+    assert o.text_config == {"d_model": 16, "num_layers": 2} and o.snapshot_steps is None
+    assert o.token_grid_size == [2, 8]
 
 
-def test_bad_options_raise_value_errors_naming_them():
-    with pytest.raises(ValueError, match="unknown option 'lerning_rate'"):
+def test_bad_options_raise_value_errors_naming_them(tmp_path):
+    with pytest.raises(ValueError, match="unknown option 'lerning_rate'; did you mean 'learning_rate'"):
         options.parse_options(Options, ["--lerning_rate", "1"])
-    with pytest.raises(ValueError, match="'max_steps'"):
-        options.parse_options(Options, ["--max_steps", "many"])
+    with pytest.raises(ValueError, match="max_train_steps.*'many'"):
+        options.parse_options(Options, ["--max_train_steps", "many"])
+    with pytest.raises(ValueError, match="cannot read command-line argument 'stray'"):
+        options.parse_options(Options, ["stray"])
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset: d\nlerning_rate: 1\n")
+    with pytest.raises(ValueError, match=f"unknown option 'lerning_rate' in {path}; did you mean 'learning_rate'"):
+        options.parse_options(Options, ["--config", str(path)])
+    path.write_text("dataset: d\nmax_train_steps: [1]\n")
+    with pytest.raises(ValueError, match="'max_train_steps' must be of type int"):
+        options.parse_options(Options, ["--config", str(path)])
     from training.train_pdm import check_options
 
     with pytest.raises(ValueError, match="'order'"):
@@ -206,6 +223,26 @@ def test_bad_options_raise_value_errors_naming_them():
         check_options(Options(dataset="d", text_config={}, model_type="gpt"))
     with pytest.raises(ValueError, match="'token_loss_positions'"):
         check_options(Options(dataset="d", text_config={}, token_loss_positions="everywhere"))
+    with pytest.raises(ValueError, match="'random_mask_share' must be below 1"):
+        check_options(Options(dataset="d", text_config={}, random_mask_share=1.0))
+    with pytest.raises(ValueError, match="'text_position_embedding'"):
+        check_options(Options(dataset="d", text_config={}, text_position_embedding="both"))
+    with pytest.raises(ValueError, match="'attn_implementation'"):
+        check_options(Options(dataset="d", text_config={}, attn_implementation="flash"))
+
+
+@pytest.mark.parametrize("argv, new", [(["--max_steps", "7"], "--max_train_steps"),
+                                       (["batch_size=4"], "--train_batch_size"),
+                                       (["--batch-size", "4"], "--train_batch_size"),
+                                       (["--output", "o"], "--output_dir")])
+def test_old_spellings_name_the_new_one(argv, new, tmp_path):
+    with pytest.raises(ValueError, match=f"option --{argv[0].lstrip('-').split('=')[0].replace('-', '_')} is now "
+                                         f"{new}$"):
+        options.parse_options(Options, argv)
+    path = tmp_path / "c.yaml"
+    path.write_text("max_steps: 7\n")
+    with pytest.raises(ValueError, match=f"option 'max_steps' in {path} is now 'max_train_steps'"):
+        options.parse_options(Options, ["--config", str(path)])
 
 
 def test_cached_text_states_give_the_same_loss_as_the_encoder():

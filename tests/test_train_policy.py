@@ -186,14 +186,17 @@ def run_train_policy(tmp_path, *options):
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "steps: " in result.stderr and "reward=" in result.stderr  # the progress bar, as every script shows it
+    assert f"saved {os.path.join(out, 'final')}" in result.stdout
     return model_dir, out
 
 
 def test_policy_training_changes_the_state_head_only(tmp_path):
     from progressive_denoising.pipeline_pdm import PDMPipeline
 
-    model_dir, out = run_train_policy(tmp_path, "--max_steps", "3", "--batch_size", "4", "--learning_rate", "1e-2",
-                                      "--reward", "l2", "--rollouts_per_prompt", "2", "--baseline", "per-prompt")
+    model_dir, out = run_train_policy(tmp_path, "--max_train_steps", "3", "--train_batch_size", "4",
+                                      "--learning_rate", "1e-2", "--reward", "l2", "--rollouts_per_prompt", "2",
+                                      "--baseline", "per-prompt")
     before = load_file(os.path.join(model_dir, "model", "model.safetensors"))
     after = load_file(os.path.join(out, "final", "model", "model.safetensors"))
     assert not torch.equal(before["state_head.weight"], after["state_head.weight"])
@@ -208,11 +211,12 @@ def test_policy_training_changes_the_state_head_only(tmp_path):
 
 
 def test_max_minutes_stops_early_and_saves(tmp_path):
-    _, out = run_train_policy(tmp_path, "--max_steps", "1000", "--max_minutes", "1e-9", "--batch_size", "2")
+    _, out = run_train_policy(tmp_path, "--max_train_steps", "1000", "--max_minutes", "1e-9", "--train_batch_size",
+                              "2")
     with open(os.path.join(out, "rewards.jsonl")) as f:
         assert len(f.readlines()) == 1  # the limit is checked after each step: one step, then the save
     with open(os.path.join(out, "final", "README.md")) as f:
-        assert "for 1 steps" in f.read()  # the card tells the steps done, not max_steps
+        assert "for 1 steps" in f.read()  # the card tells the steps done, not max_train_steps
     assert os.path.exists(os.path.join(out, "final", "model", "model.safetensors"))
 
 
@@ -247,6 +251,7 @@ def test_targets_are_decoded_only_for_rewards_that_use_them(tmp_path):
     model_dir, data = tiny_pipeline_and_data(tmp_path)
     for uses_targets in (True, False):
         reward = RecordingReward(uses_targets)
-        train_policy.main(["--model_name_or_path", model_dir, "--dataset", data, "--max_steps", "1", "--batch_size",
-                           "2", "--output_dir", str(tmp_path / f"policy-{uses_targets}")], reward_fn=reward)
+        train_policy.main(["--model_name_or_path", model_dir, "--dataset", data, "--max_train_steps", "1",
+                           "--train_batch_size", "2", "--output_dir", str(tmp_path / f"policy-{uses_targets}")],
+                          reward_fn=reward)
         assert "prompts" in reward.keys and ("target_images" in reward.keys) == uses_targets

@@ -12,10 +12,10 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
     --num-test 1000 --seed 0 --size 32
 # 2. image tokenizer: 8x8 codes of 4x4 pixels, 1024 codes, look-alike codes merged before the last 500 steps
 #    (about 30 minutes)
-[ -f runs/vq32-f4/diffusion_pytorch_model.safetensors ] || python -m training.train_vqvae --data runs/shapes32 \
-    --output runs/vq32-f4 --resolution 32 --steps 4000 --batch_size 64 --lr 2e-3 --block_out_channels 32,64,128 \
-    --norm_num_groups 8 --num_codes 1024 --foreground_weight 10 --log_every 250 --max_eval_images 1000 --seed 0 \
-    --merge_purity 0.9 --merge_steps 500
+[ -f runs/vq32-f4/diffusion_pytorch_model.safetensors ] || python -m training.train_vqvae --dataset runs/shapes32 \
+    --output_dir runs/vq32-f4 --resolution 32 --max_train_steps 4000 --train_batch_size 64 --learning_rate 2e-3 \
+    --block_out_channels 32 64 128 --norm_num_groups 8 --num_codes 1024 --foreground_weight 10 --max_eval_images 1000 \
+    --seed 0 --merge_purity 0.9 --merge_steps 500
 # 3. codes and quantization errors of the training images (about two minutes)
 [ -d runs/shapes32-codes-f4 ] || pdm tokenize --dataset runs/shapes32 --split train --vqvae runs/vq32-f4 \
     --output runs/shapes32-codes-f4 --batch-size 256
@@ -24,8 +24,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 [ -d runs/pdm-shapes32/final ] || python -m training.train_pdm --config training/configs/shapes32_cpu.yaml \
     --resume_from_checkpoint latest
 # 5. the attribute recogniser used by `pdm evaluate` (about 10 minutes)
-[ -f runs/recogniser32/model.safetensors ] || python -m training.train_recogniser --out runs/recogniser32 --size 32 \
-    --num-scenes 20000 --steps 2500 --seed 0
+[ -f runs/recogniser32/model.safetensors ] || python -m training.train_recogniser --output_dir runs/recogniser32 \
+    --resolution 32 --num_scenes 20000 --max_train_steps 2500 --seed 0
 # 6. bundle
 rm -rf progressive_denoising/bundled/pdm-shapes
 mkdir -p progressive_denoising/bundled

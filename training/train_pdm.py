@@ -1,6 +1,6 @@
 """Train a Progressive Denoising Model on a pre-tokenized data set (sections 3.2-3.3, appendix A of the paper).
 
-    accelerate launch -m training.train_pdm --config training/configs/shapes_tiny.yaml --max_steps 2000
+    accelerate launch -m training.train_pdm --config training/configs/shapes_small.yaml --max_train_steps 2000
 
 Every option below can be set in the YAML file and overridden on the command line (`--key value` or
 `key=value`). Per batch: a stage t uniform in 1..T per example, ranks from the order, the tuple (Y^{t-1}, Z^t, Y^t)
@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import sys
-from typing import Optional
+from typing import List, Optional, Union
 
 import torch
 from accelerate import Accelerator
@@ -22,9 +22,10 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from transformers import AutoTokenizer, T5Config, get_cosine_schedule_with_warmup
+from transformers.hf_argparser import HfArg
 
 from progressive_denoising import PDMARConfig, PDMARForTextToImage, PDMConfig, PDMForTextToImage
-from progressive_denoising.configuration_pdm import TEXT_POSITION_EMBEDDINGS, TOKEN_LOSS_POSITIONS
+from progressive_denoising.configuration_pdm import TEXT_POSITION_EMBEDDINGS, TOKEN_LOSS_POSITIONS, TOKEN_LOSS_WEIGHTINGS
 from progressive_denoising.text_tokenizer import LEVELS, train_caption_tokenizer
 from progressive_denoising.commands.base import run_script
 from training import data, hub, loop, options
@@ -37,91 +38,108 @@ MODEL_TYPES = {"pdm": (PDMConfig, PDMForTextToImage), "ar": (PDMARConfig, PDMARF
 @dataclasses.dataclass
 class Options:
     # data
-    dataset: Optional[str] = None  # `load_from_disk` folder or Hub id with caption / codes / quant_error
-    train_split: str = "train"
-    validation_split: Optional[str] = "validation"
-    validation_size: int = 0  # held out from a data set without a validation split
-    max_train_examples: Optional[int] = None  # train on the first N training examples only (data-size studies)
-    codebook_size: Optional[int] = None  # default: pdm_tokenization.json, else the VQ model
-    token_grid_size: Optional[list] = None  # (h, w); default: pdm_tokenization.json, else square
+    dataset: Optional[str] = HfArg(default=None, help="pre-tokenized data set: a load_from_disk folder or Hub id "
+                                   "with caption / codes / quant_error columns (required)")
+    train_split: str = HfArg(default="train", help="split to train on")
+    validation_split: Optional[str] = HfArg(default="validation", help="split for the evaluation loss and samples")
+    validation_size: int = HfArg(default=0, help="examples held out of a data set without a validation split")
+    max_train_examples: Optional[int] = HfArg(default=None, help="train on the first N training examples only "
+                                              "(data-size studies)")
+    codebook_size: Optional[int] = HfArg(default=None, help="default: pdm_tokenization.json, else the VQ model")
+    token_grid_size: Optional[List[int]] = HfArg(default=None, help="H W of the code grid; default: "
+                                                 "pdm_tokenization.json, else square")
     # model: an existing PDM, or a pretrained T5 encoder, or a fresh T5 of `text_config` sizes
-    model_type: str = "pdm"  # pdm, or ar: the KV-cached autoregressive baseline trained by the same loop
-    model_name_or_path: Optional[str] = None
-    text_encoder: Optional[str] = None
-    text_config: Optional[dict] = None
-    train_text_encoder: bool = False  # the paper freezes T5; true for a small T5 trained with the decoder
-    tokenizer: Optional[str] = None
-    train_tokenizer: bool = False
-    tokenizer_vocab_size: Optional[int] = None  # every word of the captions when null
-    tokenizer_level: str = "word"  # or "character" (to measure what whole words bring)
-    max_caption_length: int = 128
-    text_position_embedding: Optional[str] = None  # input / output: absolute prompt positions (PDMConfig)
-    hidden_size: int = 1280
-    num_hidden_layers: int = 24
-    num_attention_heads: int = 20
-    intermediate_size: int = 4096
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    vqvae: Optional[str] = None  # diffusers VQModel folder: sample images and a full pipeline folder
+    model_type: str = HfArg(default="pdm", help="pdm, or ar: the KV-cached autoregressive baseline trained by the "
+                            "same loop")
+    model_name_or_path: Optional[str] = HfArg(default=None, help="continue an existing PDM (one of "
+                                              "model_name_or_path, text_encoder, text_config)")
+    text_encoder: Optional[str] = HfArg(default=None, help="a pretrained T5 encoder folder or Hub id")
+    text_config: Optional[Union[dict, str]] = HfArg(default=None, help="sizes of a fresh T5 (a mapping, YAML on the "
+                                                    'command line: "{d_model: 64, num_layers: 2}")')
+    train_text_encoder: bool = HfArg(default=False, help="the paper freezes T5; true for a small T5 trained with "
+                                     "the decoder")
+    tokenizer: Optional[str] = HfArg(default=None, help="caption tokenizer; default: the model's or text encoder's")
+    train_tokenizer: bool = HfArg(default=False, help="train a caption tokenizer on the training captions")
+    tokenizer_vocab_size: Optional[int] = HfArg(default=None, help="every word of the captions when null")
+    tokenizer_level: str = HfArg(default="word", help='or "character" (to measure what whole words bring)')
+    max_caption_length: int = HfArg(default=128, help="caption tokens kept")
+    text_position_embedding: Optional[str] = HfArg(default=None, help="null, input or output: absolute prompt "
+                                                   "positions (PDMConfig)")
+    hidden_size: int = HfArg(default=1280, help="decoder width")
+    num_hidden_layers: int = HfArg(default=24, help="decoder layers")
+    num_attention_heads: int = HfArg(default=20, help="decoder attention heads")
+    intermediate_size: int = HfArg(default=4096, help="decoder feed-forward width")
+    hidden_dropout: float = HfArg(default=0.0, help="decoder dropout")
+    attention_dropout: float = HfArg(default=0.0, help="decoder attention dropout")
+    vqvae: Optional[str] = HfArg(default=None, help="diffusers VQModel folder: sample images and a full pipeline "
+                                 "folder")
     # stages and orders
-    order: str = "quant-error"
-    num_stages: int = 64
-    p_error: float = 0.3
-    token_loss_positions: str = "masked"  # or "stage" (the paper's group t); see ordering.build_stage_tuples
-    caption_dropout: float = 0.1
-    known_region_share: float = 0.0  # share of tuples with a random box of codes known from the start (editing)
-    random_mask_share: float = 0.0  # share of tuples masked in a random order (token loss only, no state labels)
+    order: str = HfArg(default="quant-error", help=f"training order: {', '.join(TRAIN_ORDERS)}")
+    num_stages: int = HfArg(default=64, help="stages T")
+    p_error: float = HfArg(default=0.3, help="probability of pseudo errors")
+    token_loss_positions: str = HfArg(default="masked", help='or "stage" (the paper\'s group t); see '
+                                      "ordering.build_stage_tuples")
+    token_loss_weighting: str = HfArg(default="position", help="or tuple: average the token loss over each tuple "
+                                      "first, so every stage weighs the same (PDMConfig)")
+    caption_dropout: float = HfArg(default=0.1, help="share of captions replaced by the empty prompt (guidance)")
+    known_region_share: float = HfArg(default=0.0, help="share of tuples with a random box of codes known from the "
+                                      "start (editing)")
+    random_mask_share: float = HfArg(default=0.0, help="share of tuples masked in a random order (token loss only, "
+                                     "no state labels); below 1")
     # optimisation
-    batch_size: int = 8  # per process
-    max_steps: int = 1000
-    learning_rate: float = 1e-4
-    warmup_steps: int = 0
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.96
-    max_grad_norm: Optional[float] = 1.0
-    gradient_accumulation_steps: int = 1
-    mixed_precision: Optional[str] = None  # no / fp16 / bf16; null keeps what `accelerate launch` says
-    ema_decay: Optional[float] = None  # diffusers EMAModel: the decay warms up as (1 + n) / (10 + n) to this
-    gradient_checkpointing: bool = False
-    attn_implementation: str = "sdpa"  # or eager: on a CPU, eager's backward is faster than SDPA's at small sizes
-    torch_compile: bool = False  # compile the model's training pass (captions then padded to a multiple of 16)
-    cache_text_states: bool = False
-    seed: int = 0
-    num_workers: int = 0
+    train_batch_size: int = HfArg(default=8, help="batch per process")
+    max_train_steps: int = HfArg(default=1000, help="optimizer steps")
+    learning_rate: float = HfArg(default=1e-4, help="peak of the cosine schedule")
+    warmup_steps: int = HfArg(default=0, help="linear warm-up steps of the schedule")
+    weight_decay: float = HfArg(default=0.01, help="AdamW weight decay")
+    adam_beta1: float = HfArg(default=0.9, help="AdamW beta1")
+    adam_beta2: float = HfArg(default=0.96, help="AdamW beta2")
+    max_grad_norm: Optional[float] = HfArg(default=1.0, help="gradient clipping; null: none")
+    gradient_accumulation_steps: int = HfArg(default=1, help="micro-batches per optimizer step")
+    mixed_precision: Optional[str] = HfArg(default=None, help="no / fp16 / bf16; null keeps what `accelerate "
+                                           "launch` says")
+    ema_decay: Optional[float] = HfArg(default=None, help="diffusers EMAModel: the decay warms up as (1 + n) / "
+                                       "(10 + n) to this; null: no EMA")
+    gradient_checkpointing: bool = HfArg(default=False, help="recompute activations in the backward pass")
+    attn_implementation: str = HfArg(default="sdpa", help="or eager: on a CPU, eager's backward is faster than "
+                                     "SDPA's at small sizes")
+    torch_compile: bool = HfArg(default=False, help="compile the model's training pass (captions then padded to a "
+                                "multiple of 16)")
+    cache_text_states: bool = HfArg(default=False, help="frozen T5 only: compute the states of each caption once")
+    seed: int = HfArg(default=0, help="seeds the model, the data order and every draw of a step")
+    num_workers: int = HfArg(default=0, help="data loader worker processes")
     # bookkeeping
-    output_dir: str = "pdm-output"
-    log_with: Optional[str] = "tensorboard"
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: Optional[int] = 3
-    snapshot_steps: Optional[int] = None  # also keep the (EMA) model every N steps in snapshots/: learning curves
-    resume_from_checkpoint: Optional[str] = None  # latest or a checkpoint folder
-    eval_steps: int = 500
-    eval_batches: int = 8
-    num_samples: int = 8
-    push_to_hub: bool = False
-    hub_model_id: Optional[str] = None
+    output_dir: str = HfArg(default="pdm-output", help="folder of the logs, checkpoints, samples and final/")
+    log_with: Optional[str] = HfArg(default="tensorboard", help="Accelerate tracker; null: none")
+    checkpointing_steps: int = HfArg(default=500, help="save a checkpoint every N steps")
+    checkpoints_total_limit: Optional[int] = HfArg(default=3, help="checkpoints kept; null: all")
+    snapshot_steps: Optional[int] = HfArg(default=None, help="also keep the (EMA) model every N steps in "
+                                          "snapshots/: learning curves")
+    resume_from_checkpoint: Optional[str] = HfArg(default=None, help="latest or a checkpoint folder")
+    eval_steps: int = HfArg(default=500, help="evaluate and sample every N steps")
+    eval_batches: int = HfArg(default=8, help="validation batches per evaluation")
+    num_samples: int = HfArg(default=8, help="validation captions sampled per evaluation")
+    push_to_hub: bool = HfArg(default=False, help="upload final/ at the end")
+    hub_model_id: Optional[str] = HfArg(default=None, help="the Hub repository of push_to_hub")
 
 
 def check_options(o):
-    if o.dataset is None:
-        raise ValueError("option 'dataset' is required: a pre-tokenized data set folder or Hub id")
+    options.check_required(o, "dataset")
     if o.order == "learned":
         raise ValueError("option 'order': 'learned' comes from training/train_policy.py after training with a "
                          "fixed order (usually quant-error)")
     options.check_choice("order", o.order, TRAIN_ORDERS)
     options.check_choice("model_type", o.model_type, tuple(MODEL_TYPES))
     options.check_choice("token_loss_positions", o.token_loss_positions, TOKEN_LOSS_POSITIONS)
+    options.check_choice("token_loss_weighting", o.token_loss_weighting, TOKEN_LOSS_WEIGHTINGS)
     options.check_choice("tokenizer_level", o.tokenizer_level, LEVELS)
     options.check_choice("attn_implementation", o.attn_implementation, ("sdpa", "eager"))
     if o.text_position_embedding is not None:
         options.check_choice("text_position_embedding", o.text_position_embedding, TEXT_POSITION_EMBEDDINGS)
     for name in ("p_error", "caption_dropout", "known_region_share", "random_mask_share"):
         options.check_range(name, getattr(o, name), 0.0, 1.0)
-    for name in ("batch_size", "max_steps", "num_stages", "gradient_accumulation_steps", "checkpointing_steps",
-                 "eval_steps", "snapshot_steps", "max_train_examples"):
-        if getattr(o, name) is not None and getattr(o, name) < 1:
-            raise ValueError(f"option {name!r} must be a positive integer, got {getattr(o, name)!r}")
+    options.check_positive(o, "train_batch_size", "max_train_steps", "num_stages", "gradient_accumulation_steps",
+                           "checkpointing_steps", "eval_steps", "snapshot_steps", "max_train_examples")
     if o.random_mask_share == 1.0:
         raise ValueError("option 'random_mask_share' must be below 1: the state head learns from the other tuples only")
     if o.learning_rate <= 0:
@@ -134,6 +152,8 @@ def check_options(o):
         raise ValueError("set exactly one of the options 'model_name_or_path', 'text_encoder', 'text_config'")
     if o.cache_text_states and o.train_text_encoder:
         raise ValueError("option 'cache_text_states' needs a frozen text encoder (train_text_encoder: false)")
+    if o.token_grid_size is not None and len(o.token_grid_size) != 2:
+        raise ValueError(f"option 'token_grid_size' must be two numbers (h w), got {o.token_grid_size!r}")
 
 
 def check_world(accelerator, o):
@@ -187,6 +207,7 @@ def build_model(o, tokenizer, codebook_size, grid):
                  num_attention_heads=o.num_attention_heads, hidden_dropout=o.hidden_dropout,
                  attention_dropout=o.attention_dropout, codebook_size=codebook_size, token_grid_size=grid,
                  num_stages=o.num_stages, training_order=o.order, token_loss_positions=o.token_loss_positions,
+                 token_loss_weighting=o.token_loss_weighting,
                  freeze_text_encoder=not o.train_text_encoder, text_position_embedding=o.text_position_embedding)
     config_class, model_class = MODEL_TYPES[o.model_type]
     if o.model_name_or_path:
@@ -205,13 +226,13 @@ def build_model(o, tokenizer, codebook_size, grid):
         raise ValueError(f"option 'tokenizer': {len(tokenizer)} tokens but the T5 vocabulary has "
                          f"{model.config.text_config.vocab_size}")
     model.set_attn_implementation(o.attn_implementation)
-    if o.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if o.gradient_checkpointing:  # transformers 5 calls it activation checkpointing
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     return model
 
 
 def make_loader(dataset, o, shuffle):
-    return torch.utils.data.DataLoader(dataset, batch_size=o.batch_size, shuffle=shuffle, drop_last=shuffle,
+    return torch.utils.data.DataLoader(dataset, batch_size=o.train_batch_size, shuffle=shuffle, drop_last=shuffle,
                                        collate_fn=data.collate, num_workers=o.num_workers)
 
 
@@ -305,11 +326,11 @@ def save_final(accelerator, model, tokenizer, vqvae, ema, o, metrics, sample_pat
         extra = (f"\nOrder `{o.order}`, T = {o.num_stages} stages, p_error = {o.p_error}, "
                  f"token loss on {o.token_loss_positions} positions, "
                  f"caption dropout = {o.caption_dropout}.\n")
-    card = hub.model_card(title, o, metrics, o.dataset, o.max_steps, extra=extra, sample_image=image)
+    card = hub.model_card(title, o, metrics, o.dataset, o.max_train_steps, extra=extra, sample_image=image)
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(card)
     if o.push_to_hub:
-        hub.push_folder(folder, o.hub_model_id, f"PDM after {o.max_steps} steps")
+        hub.push_folder(folder, o.hub_model_id, f"PDM after {o.max_train_steps} steps")
     return folder
 
 
@@ -345,7 +366,7 @@ def main(argv=None):
                                   betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay)
     # The prepared scheduler steps once per process per update, hence the factor.
     scheduler = get_cosine_schedule_with_warmup(optimizer, o.warmup_steps * accelerator.num_processes,
-                                                o.max_steps * accelerator.num_processes)
+                                                o.max_train_steps * accelerator.num_processes)
     train_loader = make_loader(train, o, shuffle=True)
     eval_loader = make_loader(validation, o, shuffle=False) if validation is not None else None
     model, optimizer, scheduler, train_loader = accelerator.prepare(model, optimizer, scheduler, train_loader)
@@ -376,9 +397,9 @@ def train_loop(o, accelerator, model, optimizer, scheduler, train_loader, eval_l
     accum, raw = o.gradient_accumulation_steps, accelerator.unwrap_model(model, keep_torch_compile=False)
     batches = loop.epoch_batches(accelerator, train_loader, start * accum)
     metrics, sample_path = {}, None
-    progress = loop.progress_bar(accelerator, start, o.max_steps)
+    progress = loop.progress_bar(accelerator, start, o.max_train_steps)
     model.train()
-    for step in range(start + 1, o.max_steps + 1):
+    for step in range(start + 1, o.max_train_steps + 1):
         losses = []
         clock.start()
         for micro in range(accum):
@@ -405,7 +426,7 @@ def train_loop(o, accelerator, model, optimizer, scheduler, train_loader, eval_l
         accelerator.log(metrics, step=step)
         progress.update()
         progress.set_postfix(loss=f"{loss:.3f}", lr=f"{metrics['lr']:.2e}", refresh=False)
-        if step % o.eval_steps == 0 or step == o.max_steps:
+        if step % o.eval_steps == 0 or step == o.max_train_steps:
             metrics.update(evaluate_and_sample(o, accelerator, model, eval_loader, validation, tokenizer, vqvae, text, step))
             sample_path = metrics.pop("sample_path", None) or sample_path
             if "eval_loss" in metrics:

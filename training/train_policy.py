@@ -30,6 +30,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from transformers import AutoTokenizer
+from transformers.hf_argparser import HfArg
 
 from progressive_denoising import PDMForTextToImage
 from progressive_denoising.pdm_shapes import data as shapes_data, metrics
@@ -41,39 +42,44 @@ from training import data, hub, loop, options
 
 @dataclasses.dataclass
 class Options:
-    model_name_or_path: Optional[str] = None  # a PDM folder, or a pipeline folder with tokenizer/ model/ vqvae/
-    tokenizer: Optional[str] = None
-    vqvae: Optional[str] = None
-    dataset: Optional[str] = None
-    train_split: str = "train"
-    num_stages: Optional[int] = None  # default: the model's
-    temperature: float = 1.0  # of the codes sampled by the token head
-    reward: str = "l2"  # l2, alignment (PDM-Shapes: needs recogniser), or "package.module:function" (images, batch)
-    recogniser: Optional[str] = None  # PDM-Shapes recogniser folder, for reward: alignment
-    policy_temperature: float = 1.0  # the policy draws from softmax(log p / tau): lower explores closer to generate()
-    rollouts_per_prompt: int = 1  # trajectories drawn for each prompt of a batch
-    baseline: str = "moving-average"  # batch-mean, or per-prompt: the mean reward of the prompt's other rollouts
-    baseline_momentum: float = 0.9
-    train_decoder: bool = False
-    batch_size: int = 8
-    max_steps: int = 1000
-    max_minutes: Optional[float] = None  # stop (and save) after this many minutes even if max_steps is not reached
-    learning_rate: float = 1e-5
-    weight_decay: float = 0.0
-    max_grad_norm: Optional[float] = 1.0
-    max_caption_length: int = 128
-    mixed_precision: Optional[str] = None
-    seed: int = 0
-    output_dir: str = "pdm-policy"
-    log_with: Optional[str] = None
-    push_to_hub: bool = False
-    hub_model_id: Optional[str] = None
+    model_name_or_path: Optional[str] = HfArg(default=None, help="a PDM folder, or a pipeline folder with tokenizer/ "
+                                              "model/ vqvae/ (required)")
+    tokenizer: Optional[str] = HfArg(default=None, help="caption tokenizer; default: the pipeline's")
+    vqvae: Optional[str] = HfArg(default=None, help="diffusers VQModel folder; default: the pipeline's")
+    dataset: Optional[str] = HfArg(default=None, help="pre-tokenized data set (its captions, and its codes for "
+                                   "reward l2): a load_from_disk folder or Hub id (required)")
+    train_split: str = HfArg(default="train", help="split whose captions are the prompts")
+    num_stages: Optional[int] = HfArg(default=None, help="stages of a rollout; default: the model's")
+    temperature: float = HfArg(default=1.0, help="of the codes sampled by the token head")
+    reward: str = HfArg(default="l2", help='l2, alignment (PDM-Shapes: needs recogniser), or "package.module:function"'
+                        " (images, batch)")
+    recogniser: Optional[str] = HfArg(default=None, help="PDM-Shapes recogniser folder, for reward alignment")
+    policy_temperature: float = HfArg(default=1.0, help="the policy draws from softmax(log p / tau): lower explores "
+                                      "closer to generate()")
+    rollouts_per_prompt: int = HfArg(default=1, help="trajectories drawn for each prompt of a batch")
+    baseline: str = HfArg(default="moving-average", help="moving-average, batch-mean, or per-prompt: the mean reward "
+                          "of the prompt's other rollouts")
+    baseline_momentum: float = HfArg(default=0.9, help="of the moving-average baseline")
+    train_decoder: bool = HfArg(default=False, help="also update the decoder (its graph is kept over all stages)")
+    train_batch_size: int = HfArg(default=8, help="prompts per step and process")
+    max_train_steps: int = HfArg(default=1000, help="policy-gradient steps")
+    max_minutes: Optional[float] = HfArg(default=None, help="stop (and save) after this many minutes even if "
+                                         "max_train_steps is not reached")
+    learning_rate: float = HfArg(default=1e-5, help="AdamW learning rate")
+    weight_decay: float = HfArg(default=0.0, help="AdamW weight decay")
+    max_grad_norm: Optional[float] = HfArg(default=1.0, help="gradient clipping; null: none")
+    max_caption_length: int = HfArg(default=128, help="prompt tokens kept")
+    mixed_precision: Optional[str] = HfArg(default=None, help="no / fp16 / bf16; null keeps what `accelerate "
+                                           "launch` says")
+    seed: int = HfArg(default=0, help="seeds the prompts and every draw of a step")
+    output_dir: str = HfArg(default="pdm-policy", help="folder of rewards.jsonl and final/")
+    log_with: Optional[str] = HfArg(default=None, help="Accelerate tracker; null: none")
+    push_to_hub: bool = HfArg(default=False, help="upload final/ at the end")
+    hub_model_id: Optional[str] = HfArg(default=None, help="the Hub repository of push_to_hub")
 
 
 def check_options(o):
-    for name in ("model_name_or_path", "dataset"):
-        if getattr(o, name) is None:
-            raise ValueError(f"option {name!r} is required")
+    options.check_required(o, "model_name_or_path", "dataset")
     options.check_choice("baseline", o.baseline, ("moving-average", "batch-mean", "per-prompt"))
     if o.baseline == "per-prompt" and o.rollouts_per_prompt < 2:
         raise ValueError("option 'baseline' per-prompt needs option 'rollouts_per_prompt' of 2 or more")
@@ -86,9 +92,7 @@ def check_options(o):
         raise ValueError(f"option 'max_minutes' must be positive, got {o.max_minutes!r}")
     if o.temperature <= 0:
         raise ValueError(f"option 'temperature' must be positive, got {o.temperature!r}")
-    for name in ("batch_size", "max_steps", "rollouts_per_prompt"):
-        if getattr(o, name) < 1:
-            raise ValueError(f"option {name!r} must be a positive integer, got {getattr(o, name)!r}")
+    options.check_positive(o, "train_batch_size", "max_train_steps", "rollouts_per_prompt")
 
 
 def load_components(o):
@@ -210,7 +214,7 @@ def main(argv=None, reward_fn=None):
     o.num_stages = o.num_stages or model.config.num_stages
     reward_fn = reward_fn or load_reward(o, accelerator.device)
     train, _, _ = data.load_splits(o.dataset, o.train_split, None)
-    loader = torch.utils.data.DataLoader(train, batch_size=o.batch_size, shuffle=True, drop_last=True,
+    loader = torch.utils.data.DataLoader(train, batch_size=o.train_batch_size, shuffle=True, drop_last=True,
                                          collate_fn=data.collate)
     # Rollouts are the trajectories `generate` draws: no dropout (a T5 trained with the decoder would keep its
     # dropout in train mode); the state head still gets gradients.
@@ -223,7 +227,8 @@ def main(argv=None, reward_fn=None):
         os.path.join(o.output_dir, "rewards.jsonl"), accelerator.is_main_process)
     accelerator.init_trackers("pdm-policy", config=loop.tracker_config(o))
     batches, began = loop.epoch_batches(accelerator, loader, 0), time.monotonic()
-    for step in range(1, o.max_steps + 1):
+    progress = loop.progress_bar(accelerator, 0, o.max_train_steps)
+    for step in range(1, o.max_train_steps + 1):
         generator = data.step_generator(o.seed, accelerator.process_index, step)
         loss, reward = policy_step(o, accelerator, model, vqvae, tokenizer, next(batches), generator, reward_fn,
                                    baseline)
@@ -238,10 +243,16 @@ def main(argv=None, reward_fn=None):
         optimizer.zero_grad()
         log.write(step=step, loss=loss.item(), reward=reward, baseline=baseline.value)
         accelerator.log({"policy_loss": loss.item(), "reward": reward}, step=step)
+        progress.update()
+        progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{o.learning_rate:.2e}", reward=f"{reward:.3f}",
+                             refresh=False)
         if out_of_time(accelerator, o.max_minutes, began):
+            loop.report(accelerator, f"step {step}: {o.max_minutes} minutes are up")
             break
+    progress.close()
     if accelerator.is_main_process:
-        save(o, model, tokenizer, vqvae, reward, step)
+        folder = save(o, model, tokenizer, vqvae, reward, step)
+        loop.report(accelerator, f"step {step}: saved {folder}")
     loop.finish(accelerator)
     return reward
 
@@ -255,7 +266,7 @@ def out_of_time(accelerator, max_minutes, began):
 
 
 def save(o, model, tokenizer, vqvae, reward, steps):
-    """A pipeline folder whose model generates in the learned order by default."""
+    """A pipeline folder whose model generates in the learned order by default; returns its path."""
     from progressive_denoising.pipeline_pdm import PDMPipeline
 
     model.config.training_order = "learned"
@@ -269,6 +280,7 @@ def save(o, model, tokenizer, vqvae, reward, steps):
         f.write(card)
     if o.push_to_hub:
         hub.push_folder(folder, o.hub_model_id, f"PDM policy after {steps} steps")
+    return folder
 
 
 if __name__ == "__main__":

@@ -1,40 +1,38 @@
 """Train the PDM-Shapes attribute recogniser that `pdm evaluate` and the benchmarks read images with.
 
-    python -m training.train_recogniser --out runs/recogniser [--data SHAPES] [--size 64] [--steps 3000] \
-        [--num-scenes 20000] [--batch-size 64] [--lr 2e-3] [--seed 0] [--device cpu]
+    python -m training.train_recogniser --output_dir runs/recogniser [--dataset SHAPES] [--resolution 64] \
+        [--max_train_steps 3000] [--num_scenes 20000] [--train_batch_size 64] [--learning_rate 2e-3] [--seed 0] \
+        [--device cpu]
 
-The training images are rendered on the fly: `--num-scenes` scenes drawn with every (colour, shape) pair, held-out
+The training images are rendered on the fly: `--num_scenes` scenes drawn with every (colour, shape) pair, held-out
 pairs included (the recogniser is the evaluator: composition is measured on the generator, not on it), from a random
 stream of their own (`RECOGNISER_STREAM`), so a seed gives the same renders whatever PDM-Shapes folder exists.
-`--data` (a `pdm make-shapes` folder) sets the default image side and, once trained, the recogniser's prompt
-alignment on its real `--split` images is printed as a check. Each step draws a batch, corrupts it lightly (blur,
-colour gain, block noise, pixel noise: what VQ reconstructions look like) and reads the attributes near the true
-centres; the loss counts objects, classifies attributes and regresses centres under the better of the two slot
-orders. The same seed and options give the same weights. Accelerate places the model on `--device`; the folder
-written to `--out` (`config.json`, `model.safetensors`) loads with `ShapesRecogniser.from_pretrained`.
+`--dataset` (a `pdm make-shapes` folder) sets the default image side and, once trained, the recogniser's prompt
+alignment on its real `--validation_split` images is printed as a check. Each step draws a batch, corrupts it
+lightly (blur, colour gain, block noise, pixel noise: what VQ reconstructions look like) and reads the attributes
+near the true centres; the loss counts objects, classifies attributes and regresses centres under the better of the
+two slot orders. The same seed and options give the same weights. Accelerate places the model on `--device`; the
+folder written to `--output_dir` (`config.json`, `model.safetensors`) loads with `ShapesRecogniser.from_pretrained`.
+Every option can also be set in a YAML file (`--config FILE.yaml`; the command line wins).
 """
 
+import dataclasses
+import math
 import sys
-from argparse import ArgumentTypeError
+from typing import List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from transformers.hf_argparser import HfArg
 
-from progressive_denoising.commands.base import (
-    ArgumentParser,
-    CommandError,
-    UsageError,
-    check_seed,
-    positive_int,
-    run_script,
-    usage_errors,
-)
+from progressive_denoising.commands.base import CommandError, UsageError, check_seed, run_script, usage_errors
 from progressive_denoising.commands.evaluate import check_data
-from progressive_denoising.commands.files import atomic_output, check_output_folder
+from progressive_denoising.files import atomic_output, check_output_folder
 from progressive_denoising.pdm_shapes import data as shapes_data, metrics
 from progressive_denoising.pdm_shapes.recogniser import NUM_SLOTS, ShapesRecogniser, images_to_tensor
+from training import loop, options
 
 # Random stream of the recogniser's training renders (PDM-Shapes splits use 0, 1, 2).
 RECOGNISER_STREAM = 3
@@ -140,7 +138,7 @@ def recogniser_training_data(num_examples, seed, size=64):
 
 
 def train_recogniser(dataset, steps, batch_size=64, lr=2e-3, seed=0, device="cpu", image_size=None,
-                     channels=(32, 64, 128, 128), hidden=256, augment_images=True, center_jitter=0.03, log_every=0):
+                     channels=(32, 64, 128, 128), hidden=256, augment_images=True, center_jitter=0.03, on_step=None):
     """Train a ``ShapesRecogniser`` on a PDM-Shapes split.
 
     Args:
@@ -149,6 +147,7 @@ def train_recogniser(dataset, steps, batch_size=64, lr=2e-3, seed=0, device="cpu
         steps: number of optimiser steps.
         image_size: side the recogniser resizes inputs to; the data set's image side when None.
         center_jitter: largest offset (fraction of the side) of the points attributes are read at in training.
+        on_step: called as `on_step(loss, learning_rate)` after every step (the script's progress bar).
 
     Returns:
         The trained recogniser, in eval mode, on `device`.
@@ -178,57 +177,52 @@ def train_recogniser(dataset, steps, batch_size=64, lr=2e-3, seed=0, device="cpu
         loss.backward()
         optimiser.step()
         schedule.step()
-        if log_every and (step + 1) % log_every == 0:
-            print(f"step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
+        if on_step is not None:
+            on_step(loss.item(), schedule.get_last_lr()[0])
     return model.eval()
 
 
 # ------------------------------------------------------------------------------------------------- command line
 
 
-def channel_list(text):
-    """argparse type: comma-separated positive integers, "32,64,128,128" -> (32, 64, 128, 128)."""
-    try:
-        channels = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        channels = ()
-    if not channels or min(channels) < 1:
-        raise ArgumentTypeError(f"must be comma-separated positive integers, got {text!r}")
-    return channels
+@dataclasses.dataclass
+class Options:
+    output_dir: Optional[str] = HfArg(default=None, help="folder to save the recogniser in (config.json, "
+                                      "model.safetensors; required)")
+    overwrite: bool = HfArg(default=False, help="replace output_dir if it exists and is not empty")
+    dataset: Optional[str] = HfArg(default=None, help="PDM-Shapes save_to_disk folder (from pdm make-shapes): sets "
+                                   "the default resolution, and the recogniser's alignment on its real "
+                                   "validation_split images is printed")
+    validation_split: str = HfArg(default="test", help="split of dataset to check the trained recogniser on")
+    num_scenes: int = HfArg(default=20000, help="number of renders (all 24 colour-shape pairs) to train on")
+    resolution: Optional[int] = HfArg(default=None, help="image side; default: that of dataset, else 64")
+    max_train_steps: int = HfArg(default=3000, help="optimiser steps")
+    train_batch_size: int = HfArg(default=64, help="images per step")
+    learning_rate: float = HfArg(default=2e-3, help="peak learning rate of the one-cycle schedule")
+    channels: List[int] = HfArg(default_factory=lambda: [32, 64, 128, 128],
+                                help="channels of the convolution stages")
+    hidden: int = HfArg(default=256, help="width of the hidden layers")
+    seed: int = HfArg(default=0, help="the same seed and options give the same weights")
+    device: str = HfArg(default="cpu", help="cpu, or the device Accelerate places the model on, named by type (cuda, "
+                        "mps, ...; choose the GPU with CUDA_VISIBLE_DEVICES or an accelerate config)")
 
 
-def build_parser(prog="train_recogniser.py"):
-    parser = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True,
-                        help="folder to save the recogniser in (config.json, model.safetensors)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
-    parser.add_argument("--data", help="PDM-Shapes save_to_disk folder (from pdm make-shapes): sets the default --size "
-                                       "and the recogniser's alignment on its real --split images is printed")
-    parser.add_argument("--split", default="test", help="split of --data to check the trained recogniser on")
-    parser.add_argument("--num-scenes", type=positive_int, default=20000,
-                        help="number of renders (all 24 colour-shape pairs) to train on")
-    parser.add_argument("--size", type=int, default=None, help="image side; default: that of --data, else 64")
-    parser.add_argument("--steps", type=positive_int, default=3000, help="optimiser steps")
-    parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the one-cycle schedule")
-    parser.add_argument("--channels", type=channel_list, default=(32, 64, 128, 128),
-                        help="channels of the convolution stages, comma-separated (default 32,64,128,128)")
-    parser.add_argument("--hidden", type=positive_int, default=256, help="width of the hidden layers (default 256)")
-    parser.add_argument("--seed", type=int, default=0, help="the same seed and options give the same weights")
-    parser.add_argument("--device", default="cpu",
-                        help="cpu (default), or the device Accelerate places the model on, named by type (cuda, mps, "
-                             "...; choose the GPU with CUDA_VISIBLE_DEVICES or an accelerate config)")
-    return parser
+# This script's own old spellings, beside the shared ones.
+RENAMED = {**options.RENAMED, "size": "resolution", "split": "validation_split"}
 
 
-def check_arguments(args):
+def check_options(o):
     """Everything that can be checked before any work."""
-    check_seed("--seed", args.seed)
-    if not args.lr > 0 or args.lr == float("inf"):
-        raise UsageError("--lr", f"must be a finite number > 0, got {args.lr}")
-    if args.data:
-        check_data(args.data)
-    check_output_folder("--out", args.out, args.overwrite)
+    options.check_required(o, "output_dir")
+    options.check_positive(o, "num_scenes", "max_train_steps", "train_batch_size", "hidden")
+    if not o.channels or min(o.channels) < 1:
+        raise ValueError(f"option 'channels' must be positive integers, got {o.channels!r}")
+    check_seed("--seed", o.seed)
+    if not o.learning_rate > 0 or not math.isfinite(o.learning_rate):
+        raise UsageError("--learning_rate", f"must be a finite number > 0, got {o.learning_rate}")
+    if o.dataset:
+        check_data(o.dataset, "--dataset")
+    check_output_folder("--output_dir", o.output_dir, o.overwrite)
 
 
 def make_accelerator(device):
@@ -247,25 +241,36 @@ def make_accelerator(device):
     return accelerator
 
 
+def progress_callback(progress):
+    """`train_recogniser`'s `on_step` that moves the progress bar `progress` and shows the loss and learning rate."""
+
+    def on_step(loss, learning_rate):
+        progress.update()
+        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}", refresh=False)
+
+    return on_step
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    check_arguments(args)
-    accelerator = make_accelerator(args.device)
-    with usage_errors({"split": "--split"}):
-        check = metrics.load_split(args.data, args.split) if args.data else None
-    size = args.size or (check[0]["image"].width if check is not None else 64)
-    with usage_errors({"size": "--size"}):  # the renders check the size before drawing
-        train_data = recogniser_training_data(args.num_scenes, args.seed, size)
+    o = options.parse_options(Options, argv, check=check_options, renamed=RENAMED)
+    accelerator = make_accelerator(o.device)
+    with usage_errors({"split": "--validation_split"}):
+        check = metrics.load_split(o.dataset, o.validation_split) if o.dataset else None
+    size = o.resolution or (check[0]["image"].width if check is not None else 64)
+    with usage_errors({"size": "--resolution"}):  # the renders check the size before drawing
+        train_data = recogniser_training_data(o.num_scenes, o.seed, size)
+    progress = loop.progress_bar(accelerator, 0, o.max_train_steps)
     with usage_errors({"channels": "--channels"}):
-        model = train_recogniser(train_data, args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                 device=accelerator.device, channels=args.channels, hidden=args.hidden,
-                                 log_every=max(args.steps // 20, 1))
-    with atomic_output(args.out, folder=True) as temporary:
+        model = train_recogniser(train_data, o.max_train_steps, batch_size=o.train_batch_size, lr=o.learning_rate,
+                                 seed=o.seed, device=accelerator.device, channels=tuple(o.channels), hidden=o.hidden,
+                                 on_step=progress_callback(progress))
+    progress.close()
+    with atomic_output(o.output_dir, folder=True) as temporary:
         model.save_pretrained(temporary)
-    print(f"saved recogniser to {args.out}")
+    loop.report(accelerator, f"saved recogniser to {o.output_dir}")
     if check is not None:
         score, _ = metrics.prompt_alignment(model, check["image"], check["caption"])
-        print(f"alignment on real {args.split} images of {args.data}: {score:.4f}")
+        loop.report(accelerator, f"alignment on real {o.validation_split} images of {o.dataset}: {score:.4f}")
     return 0
 
 

@@ -18,83 +18,91 @@ saves the model with `save_pretrained` (safetensors) plus `training_metrics.json
 Example (PDM-Shapes at 64x64 -> 16x16 codes, 512 codes):
 
     pdm make-shapes --out data/shapes --num-train 20000 --seed 0
-    python -m training.train_vqvae --data data/shapes --output models/vq-shapes --steps 20000 --device cuda
+    python -m training.train_vqvae --dataset data/shapes --output_dir models/vq-shapes --max_train_steps 20000 \
+        --device cuda
+
+Every option can also be set in a YAML file (`--config FILE.yaml`; the command line wins).
 """
 
+import dataclasses
 import json
 import os
 import sys
+from typing import List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from transformers.hf_argparser import HfArg
 
-from progressive_denoising.commands.base import ArgumentParser, UsageError, run_script
-from progressive_denoising.commands.files import check_local_or_hub, check_output_folder
+from progressive_denoising.commands.base import run_script
+from progressive_denoising.files import check_local_or_hub, check_output_folder
+from training import loop, options
+
+CODEBOOK_INITS = ("kmeans++", "random")
+RESETS = ("farthest", "random")
 
 
-def parse_args(argv=None):
-    # The package's parser: hyphen or underscore flags, one-line errors, --debug.
-    parser = ArgumentParser(prog="train_vqvae.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True,
-                        help="save_to_disk folder (Dataset or DatasetDict), or a `datasets.load_dataset` name")
-    parser.add_argument("--output", required=True, help="folder to save the VQModel in")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists and is not empty")
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--train_split", default="train")
-    parser.add_argument("--validation_split", default="validation",
-                        help="split for PSNR/usage; if missing, the last 5%% of the train split is held out")
-    parser.add_argument("--resolution", type=int, default=64, help="images are resized to this square side")
-    parser.add_argument("--steps", type=int, default=10000)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--num_codes", type=int, default=512, help="codebook size")
-    parser.add_argument("--code_dim", type=int, default=16, help="dimension of a code vector (vq_embed_dim)")
-    parser.add_argument("--latent_channels", type=int, default=16)
-    parser.add_argument("--block_out_channels", default="64,128,128",
-                        help="comma-separated; n entries give a downsampling factor of 2**(n-1)")
-    parser.add_argument("--layers_per_block", type=int, default=1)
-    parser.add_argument("--norm_num_groups", type=int, default=32)
-    parser.add_argument("--beta", type=float, default=0.25, help="commitment loss weight")
-    parser.add_argument("--foreground_weight", type=float, default=1.0,
-                        help="weight of the reconstruction loss on non-black pixels and their neighbours (PDM-Shapes is mostly background, "
-                        "so small objects and their exact colours matter little to an unweighted loss)")
-    parser.add_argument("--dead_after", type=int, default=200, help="steps without use before a code is reset")
-    parser.add_argument("--dead_check_every", type=int, default=100)
-    parser.add_argument("--codebook_init", choices=("kmeans++", "random"), default="kmeans++",
-                        help="seed the codebook by k-means++ or with encoder outputs drawn uniformly")
-    parser.add_argument("--reset_to", choices=("farthest", "random"), default="farthest",
-                        help="move dead codes to the recent encoder outputs farthest from every code, or random ones")
-    parser.add_argument("--merge_purity", type=float, default=0.0,
-                        help="before the last --merge_steps, tie together codes that encode the same image patch in at "
-                        "least this share of their uses (e.g. 0.9); 0 turns merging off")
-    parser.add_argument("--merge_steps", type=int, default=500, help="steps trained after merging (without resets)")
-    parser.add_argument("--mid_block_attention", type=int, choices=(0, 1), default=1,
-                        help="self-attention in the middle blocks (1, diffusers' default) or none (0): without it a "
-                        "code depends only on its neighbourhood, not on the whole image")
-    parser.add_argument("--log_every", type=int, default=100)
-    parser.add_argument("--max_eval_images", type=int, default=2000)
-    parser.add_argument("--device", default="cpu", help="cpu, or cuda: Accelerate places the model on the GPU")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    try:  # paths before any work: a missing data folder, an output that would be replaced
-        check_local_or_hub("--data", args.data)
-        check_output_folder("--output", args.output, args.overwrite, make_parents=True)
-    except UsageError as error:
-        parser.error(str(error))
-    try:
-        args.block_out_channels = tuple(int(c) for c in args.block_out_channels.split(","))
-    except ValueError:
-        parser.error(f"--block-out-channels must be comma-separated integers, got {args.block_out_channels!r}")
-    for name in ("steps", "batch_size", "num_codes", "code_dim", "resolution", "dead_after", "dead_check_every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    if not 0 <= args.merge_purity <= 1:
-        parser.error(f"--merge-purity must be in [0, 1], got {args.merge_purity}")
-    if args.merge_purity > 0 and not 0 < args.merge_steps < args.steps:
-        parser.error(f"--merge-steps must be between 1 and --steps - 1 = {args.steps - 1}, got {args.merge_steps}")
-    return args
+@dataclasses.dataclass
+class Options:
+    dataset: Optional[str] = HfArg(default=None, help="save_to_disk folder (Dataset or DatasetDict), or a "
+                                   "`datasets.load_dataset` name (required)")
+    output_dir: Optional[str] = HfArg(default=None, help="folder to save the VQModel in (required)")
+    overwrite: bool = HfArg(default=False, help="replace output_dir if it exists and is not empty")
+    image_column: str = HfArg(default="image", help="column of the images")
+    train_split: str = HfArg(default="train", help="split to train on")
+    validation_split: str = HfArg(default="validation", help="split for PSNR/usage; if missing, the last 5%% of the "
+                                  "train split is held out")
+    resolution: int = HfArg(default=64, help="images are resized to this square side")
+    max_train_steps: int = HfArg(default=10000, help="optimizer steps")
+    train_batch_size: int = HfArg(default=64, help="images per step")
+    learning_rate: float = HfArg(default=2e-4, help="start of the cosine schedule (which ends at a tenth of it)")
+    num_codes: int = HfArg(default=512, help="codebook size")
+    code_dim: int = HfArg(default=16, help="dimension of a code vector (vq_embed_dim)")
+    latent_channels: int = HfArg(default=16, help="channels of the encoder output")
+    block_out_channels: List[int] = HfArg(default_factory=lambda: [64, 128, 128],
+                                          help="n entries give a downsampling factor of 2**(n-1)")
+    layers_per_block: int = HfArg(default=1, help="resnet layers per block")
+    norm_num_groups: int = HfArg(default=32, help="groups of the group norms")
+    beta: float = HfArg(default=0.25, help="commitment loss weight")
+    foreground_weight: float = HfArg(default=1.0, help="weight of the reconstruction loss on non-black pixels and "
+                                     "their neighbours (PDM-Shapes is mostly background, so small objects and their "
+                                     "exact colours matter little to an unweighted loss)")
+    dead_after: int = HfArg(default=200, help="steps without use before a code is reset")
+    dead_check_every: int = HfArg(default=100, help="steps between looks for dead codes")
+    codebook_init: str = HfArg(default="kmeans++", help="seed the codebook by k-means++, or (random) with encoder "
+                               "outputs drawn uniformly")
+    reset_to: str = HfArg(default="farthest", help="move dead codes to the recent encoder outputs farthest from every "
+                          "code, or to random ones")
+    merge_purity: float = HfArg(default=0.0, help="before the last merge_steps, tie together codes that encode the "
+                                "same image patch in at least this share of their uses (e.g. 0.9); 0 turns merging off")
+    merge_steps: int = HfArg(default=500, help="steps trained after merging (without resets)")
+    mid_block_attention: bool = HfArg(default=True, help="self-attention in the middle blocks (diffusers' default); "
+                                      "without it a code depends only on its neighbourhood, not on the whole image")
+    max_eval_images: int = HfArg(default=2000, help="validation images for PSNR and codebook usage")
+    device: str = HfArg(default="cpu", help="cpu, or cuda: Accelerate places the model on the GPU")
+    seed: int = HfArg(default=0, help="seeds the model and every draw")
+
+
+def check_options(o):
+    options.check_required(o, "dataset", "output_dir")
+    options.check_positive(o, "max_train_steps", "train_batch_size", "num_codes", "code_dim", "resolution",
+                           "dead_after", "dead_check_every")
+    if not o.block_out_channels or min(o.block_out_channels) < 1:
+        raise ValueError(f"option 'block_out_channels' must be positive integers, got {o.block_out_channels!r}")
+    options.check_choice("codebook_init", o.codebook_init, CODEBOOK_INITS)
+    options.check_choice("reset_to", o.reset_to, RESETS)
+    options.check_range("merge_purity", o.merge_purity, 0.0, 1.0)
+    if o.merge_purity > 0 and not 0 < o.merge_steps < o.max_train_steps:
+        raise ValueError(f"option 'merge_steps' must be between 1 and max_train_steps - 1 = {o.max_train_steps - 1}, "
+                         f"got {o.merge_steps}")
+
+
+def check_paths(o):
+    """Paths before any work: a missing data folder, an output that would be replaced."""
+    check_local_or_hub("--dataset", o.dataset)
+    check_output_folder("--output_dir", o.output_dir, o.overwrite, make_parents=True)
 
 
 def load_images(data, image_column, train_split, validation_split, resolution):
@@ -108,9 +116,10 @@ def load_images(data, image_column, train_split, validation_split, resolution):
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({train_split: loaded})
     if train_split not in loaded:
-        raise ValueError(f"--train_split {train_split!r} not in {data} (has {list(loaded)})")
+        raise ValueError(f"option 'train_split': {train_split!r} not in {data} (has {list(loaded)})")
     if image_column not in loaded[train_split].column_names:
-        raise ValueError(f"--image_column {image_column!r} not in {data} (has {loaded[train_split].column_names})")
+        raise ValueError(f"option 'image_column': {image_column!r} not in {data} (has "
+                         f"{loaded[train_split].column_names})")
     train = to_tensor(loaded[train_split][image_column], resolution)
     if validation_split in loaded:
         return train, to_tensor(loaded[validation_split][image_column], resolution)
@@ -131,17 +140,16 @@ def to_tensor(images, resolution):
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def build_model(args):
+def build_model(o):
     from diffusers import VQModel
 
-    n = len(args.block_out_channels)
+    n = len(o.block_out_channels)
     return VQModel(
         in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=args.block_out_channels, layers_per_block=args.layers_per_block,
-        latent_channels=args.latent_channels, vq_embed_dim=args.code_dim, num_vq_embeddings=args.num_codes,
-        norm_num_groups=args.norm_num_groups, sample_size=args.resolution,
-        mid_block_add_attention=bool(args.mid_block_attention),
+        block_out_channels=tuple(o.block_out_channels), layers_per_block=o.layers_per_block,
+        latent_channels=o.latent_channels, vq_embed_dim=o.code_dim, num_vq_embeddings=o.num_codes,
+        norm_num_groups=o.norm_num_groups, sample_size=o.resolution, mid_block_add_attention=o.mid_block_attention,
     )
 
 
@@ -307,34 +315,36 @@ def evaluate(model, images, device, batch_size=64):
             "token_grid": list(indices.shape[1:])}
 
 
-def train(args):
+def train(o):
     """Train, evaluate and save; returns the validation metrics dict."""
-    accelerator = Accelerator(cpu=args.device == "cpu")
+    accelerator = Accelerator(cpu=o.device == "cpu")
     if accelerator.num_processes > 1:
         raise ValueError("train_vqvae.py trains on one process: its losses call the VQModel's parts directly, which "
                          "DistributedDataParallel would not keep in sync; run it without `accelerate launch` "
                          "--num_processes")
-    args.device = accelerator.device
-    torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    train_images, validation_images = load_images(args.data, args.image_column, args.train_split,
-                                                  args.validation_split, args.resolution)
-    validation_images = validation_images[: args.max_eval_images]
-    model = build_model(args).to(args.device).train()
-    optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=args.steps, eta_min=args.lr / 10)
+    device = accelerator.device
+    torch.manual_seed(o.seed)
+    generator = torch.Generator().manual_seed(o.seed)
+    train_images, validation_images = load_images(o.dataset, o.image_column, o.train_split, o.validation_split,
+                                                  o.resolution)
+    validation_images = validation_images[: o.max_eval_images]
+    model = build_model(o).to(device).train()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=o.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=o.max_train_steps,
+                                                          eta_min=o.learning_rate / 10)
     model, optimiser, schedule = accelerator.prepare(model, optimiser, schedule)
-    guard = DeadCodeGuard(args.num_codes, args.dead_after, reset_to=args.reset_to)
-    init_codebook(model, sample_batch(train_images, 4 * args.batch_size, generator, args.device), generator,
-                  args.codebook_init)
+    guard = DeadCodeGuard(o.num_codes, o.dead_after, reset_to=o.reset_to)
+    init_codebook(model, sample_batch(train_images, 4 * o.train_batch_size, generator, device), generator,
+                  o.codebook_init)
     resets, tie = 0, None
-    merge_at = args.steps - args.merge_steps if args.merge_purity > 0 else None
-    for step in range(1, args.steps + 1):
+    merge_at = o.max_train_steps - o.merge_steps if o.merge_purity > 0 else None
+    progress = loop.progress_bar(accelerator, 0, o.max_train_steps)
+    for step in range(1, o.max_train_steps + 1):
         if step == merge_at:
-            tie = merge_look_alike_codes(model, train_images[:4096], args.merge_purity)
-            print(f"step {step}: merged look-alike codes, {len(tie.unique())} distinct codes left", flush=True)
-        batch = sample_batch(train_images, args.batch_size, generator, args.device)
-        losses, latents, indices = training_losses(model, batch, args.beta, args.foreground_weight)
+            tie = merge_look_alike_codes(model, train_images[:4096], o.merge_purity)
+            loop.report(accelerator, f"step {step}: merged look-alike codes, {len(tie.unique())} distinct codes left")
+        batch = sample_batch(train_images, o.train_batch_size, generator, device)
+        losses, latents, indices = training_losses(model, batch, o.beta, o.foreground_weight)
         loss = sum(losses.values())
         optimiser.zero_grad(set_to_none=True)
         accelerator.backward(loss)
@@ -346,19 +356,22 @@ def train(args):
         guard.observe(step, latents, indices)
         # No resets in the last fifth (a reset code needs steps to settle before the model is saved), nor after a
         # merge (it would split the merged codes again).
-        if step % args.dead_check_every == 0 and step <= 0.8 * args.steps and tie is None:
+        if step % o.dead_check_every == 0 and step <= 0.8 * o.max_train_steps and tie is None:
             resets += guard.reset_dead(step, model.quantize.embedding, generator)
-        if step % args.log_every == 0 or step == args.steps:
-            terms = " ".join(f"{k} {v.item():.4f}" for k, v in losses.items())
-            print(f"step {step}/{args.steps} loss {loss.item():.4f} ({terms}) codes reset so far {resets}", flush=True)
-    metrics = evaluate(model, validation_images, args.device)
-    metrics.update({"steps": args.steps, "dead_codes_reset": resets,
+        progress.update()
+        progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}", resets=resets,
+                             refresh=False)
+    progress.close()
+    metrics = evaluate(model, validation_images, device)
+    metrics.update({"steps": o.max_train_steps, "dead_codes_reset": resets,
                     "distinct_codes": None if tie is None else len(tie.unique())})
-    print(f"validation: PSNR {metrics['psnr']:.2f} dB, codebook usage {metrics['codebook_usage']:.3f} "
-          f"({metrics['codes_used']}/{metrics['num_codes']} codes), token grid {metrics['token_grid']}")
-    accelerator.unwrap_model(model).save_pretrained(args.output, safe_serialization=True)
-    with open(os.path.join(args.output, "training_metrics.json"), "w", encoding="utf-8") as handle:
+    loop.report(accelerator, f"validation: PSNR {metrics['psnr']:.2f} dB, codebook usage "
+                f"{metrics['codebook_usage']:.3f} ({metrics['codes_used']}/{metrics['num_codes']} codes), token grid "
+                f"{metrics['token_grid']}")
+    accelerator.unwrap_model(model).save_pretrained(o.output_dir, safe_serialization=True)
+    with open(os.path.join(o.output_dir, "training_metrics.json"), "w", encoding="utf-8") as handle:
         json.dump(metrics, handle, indent=2)
+    loop.report(accelerator, f"saved the VQModel to {o.output_dir}")
     return metrics
 
 
@@ -369,7 +382,9 @@ def sample_batch(images, batch_size, generator, device):
 
 
 def main(argv=None):
-    train(parse_args(argv))
+    o = options.parse_options(Options, argv, check=check_options)
+    check_paths(o)
+    train(o)
     return 0
 
 

@@ -29,8 +29,8 @@ for start in gpu/policy-start/*/; do for lr in $LRS; do
   name=$(basename "$start")-lr$lr; seed=${name##*seed}; seed=${seed%%-*}
   $PY -m training.train_policy --model_name_or_path "$start/model" --tokenizer "$start/tokenizer" --vqvae $VQ \
       --dataset "$W/codes" --reward alignment --recogniser progressive_denoising/bundled/pdm-shapes/recogniser \
-      --batch_size "$BATCH" --rollouts_per_prompt "$ROLLOUTS" --baseline per-prompt --learning_rate "$lr" \
-      --max_steps "$POLICY_STEPS" --max_minutes "$MAX_MINUTES" --seed $(( seed + SEED_OFFSET )) \
+      --train_batch_size "$BATCH" --rollouts_per_prompt "$ROLLOUTS" --baseline per-prompt --learning_rate "$lr" \
+      --max_train_steps "$POLICY_STEPS" --max_minutes "$MAX_MINUTES" --seed $(( seed + SEED_OFFSET )) \
       --output_dir "$W/policy/$name" > "$W/logs/policy-$name.log" 2>&1 &
 done; done
 for _ in $(seq 18); do sleep 5; [ -z "$(jobs -r)" ] && break; done

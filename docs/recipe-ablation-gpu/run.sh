@@ -15,8 +15,8 @@ cat "$OUT/env.txt"
 VQ=gpu/vq
 if [ "${TRAIN_VQ:-1}" != 0 ]; then
   VQ=$W/vq
-  $PY -m training.train_vqvae --data gpu/shapes32 --output $VQ --resolution 32 --steps ${VQ_STEPS:-3000} --batch_size 64 --lr 2e-3 \
-      --block_out_channels 32,64 --norm_num_groups 8 --num_codes 128 --foreground_weight 10 --log_every 500 \
+  $PY -m training.train_vqvae --dataset gpu/shapes32 --output_dir $VQ --resolution 32 --max_train_steps ${VQ_STEPS:-3000} --train_batch_size 64 --learning_rate 2e-3 \
+      --block_out_channels 32 64 --norm_num_groups 8 --num_codes 128 --foreground_weight 10 \
       --max_eval_images 1000 --seed 0 --merge_tolerance 0.1 --merge_steps ${MERGE_STEPS:-500} --device ${DEVICE:-cuda} --overwrite \
       > "$W/logs/vq.log" 2>&1 || { tail -n 20 "$W/logs/vq.log"; exit 1; }
   tail -n 3 "$W/logs/vq.log"
@@ -29,18 +29,18 @@ tail -n 1 "$W/logs/tokenize.log"
 
 # name|overrides (steps: 15 CPU-minutes of each arm at its measured CPU seconds per step; x3: 45 minutes)
 ARMS=(
-  "base|max_steps=${BASE_STEPS:-1250}"
-  "paper-token-loss|max_steps=${BASE_STEPS:-1250},token_loss_positions=stage"
-  "characters|max_steps=${BASE_STEPS:-1250},tokenizer_level=character"
-  "random-order|max_steps=${BASE_STEPS:-1250},order=random"
-  "data-20k|max_steps=${BASE_STEPS:-1250},max_train_examples=20000"
-  "lr-2e-3|max_steps=${BASE_STEPS:-1250},learning_rate=2e-3"
-  "batch-32|max_steps=${BATCH32_STEPS:-2400},batch_size=32"
-  "width-256|max_steps=${WIDE_STEPS:-725},hidden_size=256,intermediate_size=1024"
-  "depth-8|max_steps=${DEEP_STEPS:-700},num_hidden_layers=8"
-  "ar|max_steps=${BASE_STEPS:-1250},model_type=ar"
-  "base-x3|max_steps=${BASE_X3_STEPS:-3750}"
-  "width-256-x3|max_steps=${WIDE_X3_STEPS:-2175},hidden_size=256,intermediate_size=1024"
+  "base|max_train_steps=${BASE_STEPS:-1250}"
+  "paper-token-loss|max_train_steps=${BASE_STEPS:-1250},token_loss_positions=stage"
+  "characters|max_train_steps=${BASE_STEPS:-1250},tokenizer_level=character"
+  "random-order|max_train_steps=${BASE_STEPS:-1250},order=random"
+  "data-20k|max_train_steps=${BASE_STEPS:-1250},max_train_examples=20000"
+  "lr-2e-3|max_train_steps=${BASE_STEPS:-1250},learning_rate=2e-3"
+  "batch-32|max_train_steps=${BATCH32_STEPS:-2400},train_batch_size=32"
+  "width-256|max_train_steps=${WIDE_STEPS:-725},hidden_size=256,intermediate_size=1024"
+  "depth-8|max_train_steps=${DEEP_STEPS:-700},num_hidden_layers=8"
+  "ar|max_train_steps=${BASE_STEPS:-1250},model_type=ar"
+  "base-x3|max_train_steps=${BASE_X3_STEPS:-3750}"
+  "width-256-x3|max_train_steps=${WIDE_X3_STEPS:-2175},hidden_size=256,intermediate_size=1024"
 )
 for arm in "${ARMS[@]}"; do
   name=${arm%%|*}; overrides=${arm#*|}

@@ -30,18 +30,18 @@ yaml.safe_dump(c, open(f"{work}/config.yaml", "w"))
 PY
 WIDE="hidden_size=256,num_hidden_layers=8,num_attention_heads=8,intermediate_size=1024"
 ARMS=(
-  "bundled-b256|batch_size=256,learning_rate=2e-3"
-  "bundled-b1024|batch_size=1024,learning_rate=2e-3"
-  "wide-b256|batch_size=256,learning_rate=1e-3,$WIDE"
-  "wide-b1024|batch_size=1024,learning_rate=1.5e-3,$WIDE"
+  "bundled-b256|train_batch_size=256,learning_rate=2e-3"
+  "bundled-b1024|train_batch_size=1024,learning_rate=2e-3"
+  "wide-b256|train_batch_size=256,learning_rate=1e-3,$WIDE"
+  "wide-b1024|train_batch_size=1024,learning_rate=1.5e-3,$WIDE"
 )
 if [ -n "${ONLY:-}" ]; then  # ONLY="name name": a subset of the arms
   kept=(); for arm in "${ARMS[@]}"; do [[ " $ONLY " == *" ${arm%%|*} "* ]] && kept+=("$arm"); done; ARMS=("${kept[@]}")
 fi
-train() {  # "name|key=value,...", output folder, max_steps, warmup (wide arms also get a wider T5)
+train() {  # "name|key=value,...", output folder, max_train_steps, warmup (wide arms also get a wider T5)
   local name=${1%%|*} args; IFS=, read -ra args <<< "${1#*|}"
   [[ $name == wide* ]] && args+=("text_config={d_model: 256, d_ff: 1024, num_layers: 4, num_heads: 4, d_kv: 64}")
-  $PY -m training.train_pdm --config "$W/config.yaml" --output_dir "$2" --max_steps "$3" --warmup_steps "$4" "${args[@]}"
+  $PY -m training.train_pdm --config "$W/config.yaml" --output_dir "$2" --max_train_steps "$3" --warmup_steps "$4" "${args[@]}"
 }
 # calibration: all arms together, as in the real run; seconds per step between steps 20 and 60
 for arm in "${ARMS[@]}"; do name=${arm%%|*}; train "$arm" "$W/cal/$name" 60 10 > "$W/logs/cal-$name.log" 2>&1 & done; wait

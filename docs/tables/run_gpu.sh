@@ -51,7 +51,7 @@ for seed in $SEEDS; do
   for arm in "${ARMS[@]}"; do
     name=${arm%%|*}; dir="$RUNS/$name/seed=$seed"
     [ -d "$dir/final" ] && continue
-    $PY -m training.train_pdm --config "$W/config.yaml" --max_steps "$MAX_STEPS" --output_dir "$dir" \
+    $PY -m training.train_pdm --config "$W/config.yaml" --max_train_steps "$MAX_STEPS" --output_dir "$dir" \
         "${arm#*|}" "seed=$seed" > "$W/logs/$name-seed=$seed.log" 2>&1 &
     PIDS["$name/seed=$seed"]=$!
   done

@@ -1,13 +1,17 @@
 """What every `pdm` sub-command and training script shares: one flag style, one-line errors, exit statuses.
 
-- Flags are spelled with hyphens (`--batch-size`); the underscore spelling (`--batch_size`) is accepted too.
+- Flags are spelled with hyphens (`--batch-size`); the underscore spelling (`--batch_size`) is accepted too (the
+  training scripts, whose options `transformers.HfArgumentParser` reads, list the underscore spelling).
 - A usage error (a bad argument) prints one line, `prog: error: argument --flag: ...`, and exits with status 2, as
-  argparse does (without the usage block argparse prints first: `--help` shows it).
+  argparse does (without the usage block argparse prints first: `--help` shows it). A `UsageError` is one, and so is
+  the package's `ArgumentError` when it names a flag: the path checks of `progressive_denoising.files` are given the
+  flag they check (`--output`), library code names its parameters (`num_stages`; see `usage_errors`).
 - A runtime error (a missing or corrupt file, a failure while working) prints one line naming the file and exits
   with status 1.
 - `--debug`, or the environment variable `PDM_DEBUG=1`, re-raises the error instead, with its traceback.
 
-Only the standard library is imported here: `pdm <command> --help` answers without torch.
+Only the standard library (and the package's standard-library modules) is imported here: `pdm <command> --help`
+answers without torch.
 """
 
 import argparse
@@ -16,6 +20,8 @@ import logging
 import os
 import sys
 import warnings
+
+from ..errors import ArgumentError
 
 DEBUG_ENV = "PDM_DEBUG"
 # Largest seed that `torch.Generator.manual_seed` and numpy take without overflowing (a signed 64-bit integer).
@@ -81,10 +87,21 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def as_usage_error(error: BaseException):
+    """`error` as a `UsageError` if it is one (see the module docstring), else None."""
+    if isinstance(error, UsageError):
+        return error
+    argument = getattr(error, "argument", None)
+    if isinstance(error, ArgumentError) and isinstance(argument, str) and argument.startswith("--"):
+        return UsageError(argument, str(error))
+    return None
+
+
 def error_line(prog: str, error: BaseException) -> str:
     """The one line printed for `error`; errors this package did not word itself keep their type for context."""
-    if isinstance(error, UsageError):
-        return f"{prog}: error: {first_line(error)} (see {prog} --help)"
+    usage = as_usage_error(error)
+    if usage is not None:
+        return f"{prog}: error: {first_line(usage)} (see {prog} --help)"
     if isinstance(error, CommandError):
         return f"{prog}: error: {first_line(error)}"
     hint = f" (run with --debug or {DEBUG_ENV}=1 for the traceback)"
@@ -92,7 +109,7 @@ def error_line(prog: str, error: BaseException) -> str:
 
 
 def exit_status(error: BaseException) -> int:
-    return 2 if isinstance(error, UsageError) else 1
+    return 2 if as_usage_error(error) is not None else 1
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """`pdm convert-vqgan --checkpoint last.ckpt --config model.yaml --output DIR [--dtype float32] [--overwrite]`."""
 
 from .base import ArgumentParser, CommandError, first_line, run_command
-from .files import atomic_output, check_input_file, check_output_folder
+from ..files import atomic_output, check_input_file, check_output_folder
 
 
 def build_parser(prog):

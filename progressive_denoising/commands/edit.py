@@ -6,7 +6,7 @@ temporary name and renamed into place. Images must have the size the model makes
 """
 
 from .base import ArgumentParser, UsageError, positive_int, run_command, usage_errors
-from .files import atomic_outputs, check_input_file
+from ..files import atomic_outputs, check_input_file
 from .generate import (
     FLAGS,
     add_generation_flags,

@@ -2,8 +2,8 @@
 
     pdm evaluate --images DIR --recogniser REC --data SHAPES [--split test] [--json results.json]
 
-`REC` is a recogniser folder (`python -m training.train_recogniser --out REC` trains one; the bundled pipeline has
-one in `recogniser/`).
+`REC` is a recogniser folder (`python -m training.train_recogniser --output_dir REC` trains one; the bundled pipeline
+has one in `recogniser/`).
 
 `--images` is a folder of images with a `captions.jsonl` (one `{"file_name": "0001.png", "caption": "..."}` per line,
 file names relative to the folder), or a `save_to_disk` data set with `image` and `caption` columns.
@@ -12,7 +12,7 @@ file names relative to the folder), or a `save_to_disk` data set with `image` an
 import os
 
 from .base import ArgumentParser, CommandError, UsageError, run_command, usage_errors
-from .files import atomic_output, check_input_file, check_input_folder, check_output_file
+from ..files import atomic_output, check_input_file, check_input_folder, check_output_file
 
 SAVED_DATASET_FILES = ("dataset_dict.json", "state.json")  # what `save_to_disk` writes (DatasetDict, Dataset)
 RECOGNISER_FILES = ("config.json", "model.safetensors")
@@ -46,10 +46,11 @@ def check_images(path):
         raise UsageError("--images", f"{path} has neither captions.jsonl nor a save_to_disk data set")
 
 
-def check_data(path):
-    check_input_folder("--data", path)
+def check_data(path, argument="--data"):
+    """`argument` (--data here, --dataset of train_recogniser.py) names a PDM-Shapes folder of `pdm make-shapes`."""
+    check_input_folder(argument, path)
     if not any(os.path.isfile(os.path.join(path, name)) for name in SAVED_DATASET_FILES):
-        raise UsageError("--data", f"{path} is not a save_to_disk data set (make one with pdm make-shapes)")
+        raise UsageError(argument, f"{path} is not a save_to_disk data set (make one with pdm make-shapes)")
 
 
 def check_arguments(args):

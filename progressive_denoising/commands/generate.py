@@ -13,7 +13,7 @@ import time
 from .base import ArgumentParser, CommandError, UsageError, check_seed, first_line, positive_int, run_command
 from .base import usage_errors
 from .. import BUNDLED_MODEL
-from .files import atomic_outputs, check_distinct, check_local_or_hub, check_output_file
+from ..files import atomic_outputs, check_distinct, check_local_or_hub, check_output_file
 
 # The arguments of a generation run (`PDMGenerationConfig`) and of `PDMPipeline.__call__` that this command's flags
 # set. Their values are checked once, by the generation config, whose errors carry the argument's name: the flag.

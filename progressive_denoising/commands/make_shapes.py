@@ -1,7 +1,7 @@
 """`pdm make-shapes --out DIR --num-train N --seed S [--size 64] [--num-validation N] [--num-test N] [--overwrite]`."""
 
 from .base import ArgumentParser, check_seed, positive_int, run_command, usage_errors
-from .files import atomic_output, check_output_folder
+from ..files import atomic_output, check_output_folder
 
 # `make_shapes_dataset`'s parameters -> this command's flags (its checks name the parameter).
 FLAGS = {"num_train": "--num-train", "num_validation": "--num-validation", "num_test": "--num-test",

@@ -1,18 +1,23 @@
 """`pdm tokenize --dataset DIR_OR_HUB_ID --vqvae VQ_DIR --output OUT [--overwrite]`: images -> VQ codes.
 
 The work is `progressive_denoising.tokenize_data.tokenize` (see its docstring for the sources it reads and what it
-writes); run it under `accelerate launch -m progressive_denoising.tokenize_data ...` to shard it over processes.
+writes); run this module under Accelerate to shard it over processes:
+
+    accelerate launch -m progressive_denoising.commands.tokenize --dataset DIR --vqvae VQ_DIR --output OUT
 """
 
 import os
+import sys
 
 from .base import ArgumentParser, UsageError, non_negative_int, positive_int, run_command
-from .files import check_input_file, check_local_or_hub, check_output_folder
+from ..files import check_input_file, check_local_or_hub, check_output_folder
 
 
 def build_parser(prog):
     parser = ArgumentParser(prog=prog, description="Pre-tokenize an image-text data set into VQ codes, so PDM "
-                                                   "training never runs the VQ encoder.")
+                                                   "training never runs the VQ encoder.",
+                            epilog="Under `accelerate launch -m progressive_denoising.commands.tokenize ...` the work "
+                                   "is sharded over the processes (--output on a file system they share).")
     parser.add_argument("--dataset", required=True,
                         help="Hub id, local folder (imagefolder with captions in metadata.jsonl/csv, parquet files, or "
                              "a save_to_disk data set) or parquet file(s)")
@@ -55,9 +60,16 @@ def run(args):
     check_arguments(args)
     from progressive_denoising.tokenize_data import tokenize
 
-    tokenize(args)
+    tokenize(args.dataset, args.vqvae, args.output, split=args.split, dataset_config=args.dataset_config,
+             image_column=args.image_column, caption_column=args.caption_column, vqvae_subfolder=args.vqvae_subfolder,
+             resolution=args.resolution, batch_size=args.batch_size, max_examples=args.max_examples, dtype=args.dtype,
+             push_to_hub=args.push_to_hub)
     return 0
 
 
 def main(argv=None, prog="pdm tokenize"):
     return run_command(build_parser(prog), run, argv)
+
+
+if __name__ == "__main__":  # `accelerate launch -m progressive_denoising.commands.tokenize ...`
+    sys.exit(main())

@@ -9,7 +9,7 @@ for share in 0 0.5; do
   out=runs/ft-known-$share
   [ -d $out/final ] || python -m training.train_pdm --config training/configs/shapes32_cpu.yaml \
     model_name_or_path=progressive_denoising/bundled/pdm-shapes/model tokenizer=progressive_denoising/bundled/pdm-shapes/tokenizer \
-    train_tokenizer=false text_config=null max_steps=3000 learning_rate=3e-4 warmup_steps=100 known_region_share=$share \
+    train_tokenizer=false text_config=null max_train_steps=3000 learning_rate=3e-4 warmup_steps=100 known_region_share=$share \
     eval_steps=100000 checkpointing_steps=1000 snapshot_steps=null num_samples=0 log_with=null output_dir=$out \
     --resume_from_checkpoint latest > runs/ft-known-$share.log 2>&1
 done

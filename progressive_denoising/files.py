@@ -1,10 +1,14 @@
-"""Checks of the paths a command reads and writes, made before any work, and outputs written all or nothing.
+"""Checks of the paths a job reads and writes, made before any work, and outputs written all or nothing.
+
+The checks take the name of what they check (`argument`: a flag such as "--output" for the `pdm` command and the
+training scripts, a parameter name for library code) and raise `ArgumentError` with it, so the caller decides how
+to name it; the `pdm` command reports an `ArgumentError` that names a flag as a usage error (exit status 2).
 
 An output is first written under a temporary name in its own folder (so the final rename stays on one file system)
-and renamed into place with `os.replace` only once every output of the command was written: an error or an
-interrupt leaves no partial file and no half-written folder, and the previous output, if any, untouched.
+and renamed into place with `os.replace` only once every output of the job was written: an error or an interrupt
+leaves no partial file and no half-written folder, and the previous output, if any, untouched.
 
-Only the standard library is imported here (see `base.py`).
+Only the standard library is imported here: the `pdm` command checks its arguments without torch.
 """
 
 import contextlib
@@ -13,7 +17,7 @@ import re
 import shutil
 import uuid
 
-from .base import CommandError, UsageError
+from .errors import ArgumentError
 
 # What a Hub repository id looks like ("name" or "owner/name"); anything else that does not exist is a missing path.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -25,20 +29,20 @@ def looks_like_hub_id(name: str) -> bool:
 
 def check_input_file(argument, path):
     if not os.path.exists(path):
-        raise UsageError(argument, f"no such file: {path}")
+        raise ArgumentError(argument, f"no such file: {path}")
     if not os.path.isfile(path):
-        raise UsageError(argument, f"{path} is not a file")
+        raise ArgumentError(argument, f"{path} is not a file")
 
 
 def check_input_folder(argument, path, required=(), what="folder"):
-    """UsageError unless `path` is a folder holding each of `required` (names relative to it)."""
+    """ArgumentError unless `path` is a folder holding each of `required` (names relative to it)."""
     if not os.path.exists(path):
-        raise UsageError(argument, f"no such folder: {path}")
+        raise ArgumentError(argument, f"no such folder: {path}")
     if not os.path.isdir(path):
-        raise UsageError(argument, f"{path} is a file, not a {what}")
+        raise ArgumentError(argument, f"{path} is a file, not a {what}")
     missing = [name for name in required if not os.path.exists(os.path.join(path, name))]
     if missing:
-        raise UsageError(argument, f"{path} is not a {what}: it has no {', '.join(missing)}")
+        raise ArgumentError(argument, f"{path} is not a {what}: it has no {', '.join(missing)}")
 
 
 def check_local_or_hub(argument, name, required=(), what="folder"):
@@ -56,31 +60,31 @@ def check_local_or_hub(argument, name, required=(), what="folder"):
 def _check_parent(argument, path):
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
-        raise UsageError(argument, f"the folder {os.path.dirname(path) or '.'} of {path} does not exist")
+        raise ArgumentError(argument, f"the folder {os.path.dirname(path) or '.'} of {path} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(argument, f"the folder {os.path.dirname(path) or '.'} of {path} is not writable")
+        raise ArgumentError(argument, f"the folder {os.path.dirname(path) or '.'} of {path} is not writable")
 
 
 def check_output_file(argument, path, overwrite=False, extensions=None):
-    """UsageError unless `path` can be written as a new file (or replaced, with `overwrite`)."""
+    """ArgumentError unless `path` can be written as a new file (or replaced, with `overwrite`)."""
     if os.path.isdir(path):
-        raise UsageError(argument, f"{path} is a folder; give a file name")
+        raise ArgumentError(argument, f"{path} is a folder; give a file name")
     if extensions is not None and os.path.splitext(path)[1].lower() not in extensions:
         examples = ", ".join(sorted(extensions, key=lambda e: (e not in (".png", ".jpg", ".webp"), e))[:3])
-        raise UsageError(argument, f"{path} does not end in a file extension to write ({examples}, ...)")
+        raise ArgumentError(argument, f"{path} does not end in a file extension to write ({examples}, ...)")
     if os.path.exists(path) and not overwrite:
-        raise UsageError(argument, f"{path} exists; pass --overwrite to replace it")
+        raise ArgumentError(argument, f"{path} exists; pass --overwrite to replace it")
     _check_parent(argument, path)
 
 
 def check_output_folder(argument, path, overwrite=False, make_parents=False):
-    """UsageError unless `path` can be written as a new folder (or an empty one, or replaced with `overwrite`);
+    """ArgumentError unless `path` can be written as a new folder (or an empty one, or replaced with `overwrite`);
     with `make_parents` its missing parent folders may be made too."""
     if os.path.exists(path):
         if not os.path.isdir(path):
-            raise UsageError(argument, f"{path} is a file, not a folder")
+            raise ArgumentError(argument, f"{path} is a file, not a folder")
         if os.listdir(path) and not overwrite:
-            raise UsageError(argument, f"{path} exists and is not empty; pass --overwrite to replace it")
+            raise ArgumentError(argument, f"{path} exists and is not empty; pass --overwrite to replace it")
     if make_parents:
         check_creatable_folder(argument, path)
     else:
@@ -88,25 +92,25 @@ def check_output_folder(argument, path, overwrite=False, make_parents=False):
 
 
 def check_creatable_folder(argument, path):
-    """UsageError unless `path` is a folder, or one that can be made (its nearest existing parent is writable)."""
+    """ArgumentError unless `path` is a folder, or one that can be made (its nearest existing parent is writable)."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(argument, f"{path} is a file, not a folder")
+        raise ArgumentError(argument, f"{path} is a file, not a folder")
     ancestor = os.path.abspath(path)
     while not os.path.exists(ancestor):
         ancestor = os.path.dirname(ancestor)
     if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UsageError(argument, f"cannot write {path}: {ancestor} is not a writable folder")
+        raise ArgumentError(argument, f"cannot write {path}: {ancestor} is not a writable folder")
 
 
 def check_distinct(**paths):
-    """UsageError if two outputs ({flag: path}) are the same file."""
+    """ArgumentError if two outputs ({flag: path}) are the same file."""
     seen = {}
     for argument, path in paths.items():
         if path is None:
             continue
         key = os.path.realpath(path)
         if key in seen:
-            raise UsageError(argument, f"{path} is also the output of {seen[key]}")
+            raise ArgumentError(argument, f"{path} is also the output of {seen[key]}")
         seen[key] = argument
 
 
@@ -148,7 +152,7 @@ def atomic_outputs(*paths, folders=False):
         yield temporaries
         missing = [path for path, temporary in zip(paths, temporaries) if not os.path.exists(temporary)]
         if missing:
-            raise CommandError(f"nothing was written for {', '.join(missing)}")
+            raise RuntimeError(f"nothing was written for {', '.join(missing)}")
     except BaseException:
         for temporary in temporaries:
             _remove(temporary)
