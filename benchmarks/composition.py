@@ -20,6 +20,14 @@ scene's own caption as prompt; the given codes are the real image's VQ codes, ke
 Columns: alignment, and the partial credit of `metrics.attribute_accuracy` (colour, shape, size of the prompt's
 objects, and whether the region or relation holds).
 
+Losses (`losses`, the scenes of --split, default validation, VQ-encoded): the token loss of a PDM per stage t of its
+training tuples (quant-error order, no pseudo errors), apart for the codes of objects and of the background and for
+the masked codes a tuple labels; of an autoregressive model per code, apart for objects and background. It shows
+where a model's training signal goes: with the loss on every masked code averaged over positions, the early stages'
+tuples, whose codes are mostly unpredictable, hold most of the labels.
+
+    python -m benchmarks.composition losses --model runs/composition/text-pos=input/seed=0/final --data runs/shapes32
+
 Probe (two-object captions of --split, default validation): for each caption "a S1 C1 H1 R a S2 C2 H2" the states of
 its words are compared with those of the same words in
 - "colours swapped": "a S1 C2 H1 R a S2 C1 H2" (another scene: each shape has the other colour),
@@ -110,6 +118,83 @@ def diagnose(args):
                                  masks[start:end], generator=generators).images
             table[f"{label}: {name}"] = score(recogniser, drawn, captions)
     return table
+
+
+# -- losses per stage ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def stage_losses(args):
+    """{"stages": [{stage, labels share, object loss, background loss, ...}], "totals": ...} of a PDM, or per-code
+    losses of an autoregressive model (see the module docstring)."""
+    from progressive_denoising import PDMARForTextToImage
+    from progressive_denoising.configuration_pdm import PDMConfig
+    from progressive_denoising.ordering import build_stage_tuples, scores_to_ranks
+    from progressive_denoising.vq import encode_to_codes, preprocess_images
+
+    pipe = load_any_pipeline(args.model)
+    model, tokenizer = pipe.model.eval(), pipe.tokenizer
+    rows = list(metrics.load_split(args.data, args.split))[: args.num_scenes]
+    images = [row["image"].convert("RGB") for row in rows]
+    size = images[0].width
+    codes, quant_error = encode_to_codes(pipe.vqvae, preprocess_images(images, size))
+    cell = size // model.config.token_grid_size[0]
+    pixels = torch.tensor(np.stack([object_pixels(image) for image in images]))
+    is_object = torch.nn.functional.max_pool2d(pixels[:, None].float(), cell).flatten(1).bool()  # (N, L)
+    tokens = tokenizer([row["caption"] for row in rows], padding=True, return_tensors="pt")
+    text = dict(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+
+    def losses_of(logits, labels):
+        return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100,
+                                                 reduction="none")
+
+    if isinstance(model, PDMARForTextToImage):
+        loss = losses_of(model(**text, image_tokens=codes).token_logits, codes)
+        return {"model": "autoregressive", "object": float(loss[is_object].mean()),
+                "background": float(loss[~is_object].mean()), "object_share": float(is_object.float().mean())}
+    config: PDMConfig = model.config
+    ranks = scores_to_ranks(quant_error)
+    table = []
+    for stage in range(1, config.num_stages + 1):
+        stages = torch.full((len(rows),), stage)
+        tuples = build_stage_tuples(codes, ranks, stages, config.num_stages, config.mask_token_id,
+                                    config.codebook_size, token_loss_positions="masked")
+        labels = tuples["token_labels"]
+        loss = losses_of(model(**text, image_tokens=tuples["image_tokens"]).token_logits, labels)
+        labelled = labels != -100
+        table.append({"stage": stage, "labels": int(labelled.sum()),
+                      "object_loss": float(loss[labelled & is_object].mean()),
+                      "background_loss": float(loss[labelled & ~is_object].mean()),
+                      "object_share_of_labels": float((labelled & is_object).sum() / labelled.sum())})
+    total = sum(row["labels"] for row in table)
+    for row in table:
+        row["share_of_all_labels"] = row["labels"] / total
+    return {"model": "pdm", "stages": table}
+
+
+def load_any_pipeline(folder):
+    """A PDM pipeline folder, or an autoregressive model's folder (model + tokenizer) with the bundled VQ model."""
+    if os.path.isdir(os.path.join(folder, "model")):
+        return PDMPipeline.from_pretrained(folder)
+    from diffusers import VQModel
+    from transformers import AutoModel, AutoTokenizer
+
+    from progressive_denoising import BUNDLED_MODEL
+
+    return PDMPipeline(tokenizer=AutoTokenizer.from_pretrained(folder), model=AutoModel.from_pretrained(folder),
+                       vqvae=VQModel.from_pretrained(os.path.join(BUNDLED_MODEL, "vqvae")))
+
+
+def format_losses(result):
+    if result["model"] == "autoregressive":
+        return (f"autoregressive: loss {result['object']:.3f} on object codes, {result['background']:.3f} on background "
+                f"codes (objects: {result['object_share']:.2f} of the codes)")
+    lines = ["| stage | share of all labels | objects' share of the stage's labels | object loss | background loss |",
+             "|---:|---:|---:|---:|---:|"]
+    for row in result["stages"]:
+        lines.append(f"| {row['stage']} | {row['share_of_all_labels']:.3f} | {row['object_share_of_labels']:.2f} | "
+                     f"{row['object_loss']:.3f} | {row['background_loss']:.3f} |")
+    return "\n".join(lines)
 
 
 # -- probe -------------------------------------------------------------------------------------------------------
@@ -234,7 +319,7 @@ def format_diagnosis(table):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("task", choices=("diagnose", "probe"))
+    parser.add_argument("task", choices=("diagnose", "probe", "losses"))
     parser.add_argument("--model", required=True, help="a PDM pipeline folder")
     parser.add_argument("--recogniser", help="diagnose: the recogniser folder")
     parser.add_argument("--data", required=True, help="PDM-Shapes folder (real images and captions)")
@@ -249,8 +334,10 @@ def main(argv=None):
     if args.task == "diagnose" and not args.recogniser:
         parser.error("diagnose needs --recogniser")
     args.split = args.split or ("test" if args.task == "diagnose" else "validation")
-    result = diagnose(args) if args.task == "diagnose" else probe(args)
-    text = format_diagnosis(result) if args.task == "diagnose" else format_probe(result)
+    task, formatter = {"diagnose": (diagnose, format_diagnosis), "probe": (probe, format_probe),
+                       "losses": (stage_losses, format_losses)}[args.task]
+    result = task(args)
+    text = formatter(result)
     print(text)
     for path, content in ((args.out, json.dumps(result, indent=1)), (args.md, text + "\n")):
         if path:

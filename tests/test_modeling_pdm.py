@@ -257,3 +257,20 @@ def test_state_head_can_be_forced():
         model.state_head.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
     inputs = PDMModelTester().inputs()
     assert (model(**inputs).state_logits.argmax(-1) == STATE_REPLACE).all()
+
+
+def test_token_loss_per_tuple_weighs_every_example_the_same(tester):
+    """`token_loss_weighting="tuple"`: the mean of each example's mean, not the mean over all labelled positions."""
+    torch.manual_seed(0)
+    model = PDMForTextToImage(PDMConfig(**{**tester.config.to_dict(), "token_loss_weighting": "tuple"})).eval()
+    inputs = tester.inputs()
+    labels = torch.randint(0, model.config.codebook_size, inputs["image_tokens"].shape)
+    labels[0, 1:] = -100  # one label in the first example, all positions in the others
+    out = model(**{**inputs, "token_labels": labels})
+    per_example = [torch.nn.functional.cross_entropy(logits[keep], target[keep])
+                   for logits, target, keep in zip(out.token_logits.float(), labels, labels != -100)]
+    torch.testing.assert_close(out.token_loss, torch.stack(per_example).mean())
+    model.config.token_loss_weighting = "position"
+    assert not torch.allclose(model(**{**inputs, "token_labels": labels}).token_loss, out.token_loss)
+    with pytest.raises(ValueError, match="token_loss_weighting"):
+        PDMConfig(**{**tester.config.to_dict(), "token_loss_weighting": "stage"})
