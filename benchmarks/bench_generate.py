@@ -267,6 +267,63 @@ def bench_ar(config, device, dtype, batch_sizes, prompt_length, guidance_scale, 
     return rows
 
 
+class HostReads:
+    """Counts the operators that read a tensor's value back to the host (`.item()`, `.tolist()`, `int(t)`) or give a
+    tensor whose shape depends on its values (`nonzero`, boolean masking): on a GPU each one waits for the device.
+    On CUDA, `torch.cuda.set_sync_debug_mode("warn")` also counts the synchronisations the device reports."""
+
+    READS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique", "aten::_unique2")
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts = self.counts = {}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func._schema.name
+                if name in HostReads.READS:
+                    counts[name] = counts.get(name, 0) + 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.device_syncs = None
+
+    def __enter__(self):
+        if torch.cuda.is_available():
+            import warnings
+
+            self._warnings = warnings.catch_warnings(record=True)
+            self._caught = self._warnings.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("default")
+            self._warnings.__exit__(*exc)
+            self.device_syncs = sum("synchroniz" in str(w.message) for w in self._caught)
+
+
+def count_host_reads(config, device, dtype, prompt_length, guidance_scale, stage_counts) -> dict:
+    """{stage count: host reads of one PDM generate call} (and the device's own count of synchronisations on CUDA):
+    equal counts for every stage count mean the stage loop itself reads nothing back."""
+    model = build_model(PDMForTextToImage, config, device, dtype)
+    prompts = random_prompts(config, 1, prompt_length, device)
+    counts = {}
+    for stages in stage_counts:
+        with HostReads() as reads:
+            model.generate(prompts, num_stages=stages, guidance_scale=guidance_scale,
+                           generator=torch.Generator(device).manual_seed(0))
+        counts[stages] = dict(reads.counts, device_synchronisations=reads.device_syncs)
+        print(f"host reads, T={stages}: {counts[stages]}", flush=True)
+    del model
+    return counts
+
+
 def add_speedups(pdm_rows: list, ar_rows: list):
     """`speedup_vs_ar` on every PDM row: AR seconds / PDM seconds at the same batch size."""
     ar_seconds = {row["batch_size"]: row["seconds"] for row in ar_rows}
@@ -306,6 +363,8 @@ def parse_args(argv=None):
                         help="torch CPU threads; default 1 on cpu (steady on a shared machine), torch's choice on cuda")
     parser.add_argument("--compile", action="store_true",
                         help="time the fast path: model.compile_generation() (CUDA graphs on cuda); warm-up compiles")
+    parser.add_argument("--count-host-reads", action="store_true",
+                        help="also count what one generate call reads back to the host, at every stage count")
     parser.add_argument("--out", default="", help="JSON file")
     parser.add_argument("--md", default="", help="Markdown file")
     return parser.parse_args(argv)
@@ -332,7 +391,15 @@ def main(argv=None):
                compiled=args.compile)
     results = dict(env, results=pdm_rows + ar_rows)
     title = "Generation, compiled (compile_generation)" if args.compile else "Generation"
-    write_outputs(results, markdown_table(env, pdm_rows + ar_rows, title), args.out, args.md)
+    if args.guidance_scale != 1.0:
+        title += f", guidance {args.guidance_scale:g}"
+    markdown = markdown_table(env, pdm_rows + ar_rows, title)
+    if args.count_host_reads:
+        results["host_reads"] = count_host_reads(config, device, dtype, args.prompt_length, args.guidance_scale,
+                                                 args.stages)
+        markdown += "\n\nHost reads of one PDM `generate` call (batch 1): " + "; ".join(
+            f"T = {stages}: {counts}" for stages, counts in results["host_reads"].items())
+    write_outputs(results, markdown, args.out, args.md)
     return results
 
 

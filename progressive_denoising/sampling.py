@@ -5,8 +5,8 @@ the autoregressive baseline's `generate` (which code to write) and the learned o
 (`PDMForTextToImage.rollout`, trained by `training/train_policy.py`) all call these functions, so a change to
 sampling reaches all three.
 
-- Codes: `filter_logits` (top-k / top-p), `guidance_mix` (classifier-free guidance), `sample_codes` /
-  `sample_codes_at` (Gumbel-max draws, one noise stream per image when given one generator per image).
+- Codes: `filter_logits` (top-k / top-p), `guidance_mix` (classifier-free guidance), `sample_codes` (Gumbel-max
+  draws, one noise stream per image when given one generator per image).
 - Positions: `choose_stage_positions` picks the positions a stage fills and replaces, greedily (as `generate` does)
   or, given a `policy_temperature`, by sampling from the state head read as a policy (the action z = 1 / -1 of
   section 3.2), returning the log-probability of the draw for REINFORCE (eq. 6-7).
@@ -60,29 +60,6 @@ def sample_codes(logits, temperature, top_k, top_p, generator: Generators) -> to
     """(batch, n) codes drawn from `logits` (batch, n, K) by the Gumbel-max trick, with noise per example."""
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
     return gumbel_argmax(logits, rand(logits.shape, generator, logits.device))
-
-
-def rand_rows(counts: torch.Tensor, width: int, generator: Generators, device) -> torch.Tensor:
-    """(sum(counts), width) uniform [0, 1) numbers: `counts[b]` rows for example b, in example order.
-
-    With one generator per example, example b's rows come from generator b alone, so an example draws the same
-    numbers in a batch as on its own.
-    """
-    if generator is None or isinstance(generator, torch.Generator):
-        return rand((int(counts.sum()), width), generator, device)
-    return torch.cat([rand((int(count), width), g, device) for count, g in zip(counts.tolist(), generator)])
-
-
-def sample_codes_at(logits: torch.Tensor, rows: torch.Tensor, batch_size: int, temperature, top_k, top_p,
-                    generator: Generators) -> torch.Tensor:
-    """(n,) codes drawn from `logits` (n, K), the logits of n chosen positions, by the Gumbel-max trick.
-
-    `rows` (n,) says which example each position belongs to, in example order (as `nonzero` lists them): noise is
-    drawn for these positions only, per example as `rand_rows` does, not for every position of every image.
-    """
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    counts = torch.bincount(rows, minlength=batch_size)
-    return gumbel_argmax(logits, rand_rows(counts, logits.shape[-1], generator, logits.device))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -236,6 +213,12 @@ class StageRun:
             self.fixed_ranks = scores_to_ranks(scores.masked_fill(~to_fill, float("inf")))
         self.cumulative = fill_schedule(to_fill.sum(-1), config.num_stages)  # (batch, T + 1)
         self.limit = num_tokens if config.max_replacements is None else config.max_replacements
+        # How many positions a stage may write in any row: its fills and at most as many replacements as the stage
+        # before filled. Read back to the host once, before the first stage: every stage then samples a fixed number
+        # of positions per row, whatever the state head chose, and reads nothing back (no host synchronisation).
+        fills = self.cumulative[:, 1:] - self.cumulative[:, :-1]
+        replacements = torch.cat([torch.zeros_like(fills[:, :1]), fills[:, :-1]], 1).clamp(max=self.limit)
+        self.widths = (fills + replacements).amax(0).tolist() if batch_size else [0] * config.num_stages
         self.replaced, self.stages = [], [] if keep_stages else None
         self.log_prob = None if policy_temperature is None else torch.zeros(batch_size, device=codes.device)
 
@@ -269,14 +252,18 @@ class StageRun:
         if self.stages:
             self.stages[-1] = self.codes
 
-    def _logits_at(self, stage: int, token_logits: torch.Tensor, rows=None, positions=None) -> torch.Tensor:
-        """The code logits this stage samples from, at (rows, positions) or everywhere: with guidance, the mix of the
-        conditional and unconditional rows at this stage's scale."""
-        index = (slice(None), slice(None)) if rows is None else (rows, positions)
+    def _logits_at(self, stage: int, token_logits: torch.Tensor, positions=None) -> torch.Tensor:
+        """The code logits this stage samples from, (batch, n, K) at the (batch, n) `positions` or (batch, L, K)
+        everywhere: with guidance, the mix of the conditional and unconditional rows at this stage's scale."""
+        def at(logits):
+            if positions is None:
+                return logits
+            return logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
+
         if not self.guided:
-            return token_logits[index]
+            return at(token_logits)
         cond, uncond = token_logits.chunk(2)
-        return guidance_mix(cond[index], uncond[index], self.guidance_scale_at(stage))
+        return guidance_mix(at(cond), at(uncond), self.guidance_scale_at(stage))
 
     def _most_confident(self, stage, token_logits, masked, count):
         """MaskGIT's choice of the positions to fill: a code drawn at every position, and the `count` masked positions
@@ -294,7 +281,9 @@ class StageRun:
         """Y^t -> Y^{t+1}: choose the positions `stage` fills and replaces from the state head (or the fixed order),
         sample their codes, and return the new codes (batch, L).
 
-        Guidance and sampling work on the positions this stage writes only, not on all (batch, L, K) logits.
+        Guidance and sampling work on the positions this stage may write (`widths[stage]` a row, the written ones
+        first), not on all (batch, L, K) logits; the number is fixed per stage, so nothing depends on a value read
+        back from the device.
         """
         if self.guided:
             state_logits = state_logits.chunk(2)[0]
@@ -312,15 +301,17 @@ class StageRun:
             self.policy_temperature, self.generator)
 
         with torch.no_grad():
-            codes = codes.clone()  # the codes of the stage before stay as they were (`stages` keeps them)
             written = generate | replace
             if drawn is not None:  # the fills are the draws they were chosen by
                 codes = torch.where(generate, drawn, codes)
                 written = replace
-            rows, positions = written.nonzero(as_tuple=True)  # example order, as `sample_codes_at` needs
-            codes[rows, positions] = sample_codes_at(self._logits_at(stage, token_logits, rows, positions), rows,
-                                                     codes.shape[0], self.config.temperature, self.config.top_k,
-                                                     self.config.top_p, self.generator)
+            # The written positions of each row first, in position order, then unwritten ones to fill the width.
+            positions = torch.argsort((~written).to(torch.uint8), dim=1, stable=True)[:, : self.widths[stage]]
+            sampled = sample_codes(self._logits_at(stage, token_logits, positions), self.config.temperature,
+                                   self.config.top_k, self.config.top_p, self.generator)
+            # A new tensor: the codes of the stage before stay as they were (`stages` keeps them).
+            codes = codes.scatter(1, positions, torch.where(written.gather(1, positions), sampled,
+                                                            codes.gather(1, positions)))
         self.codes = codes
         self.replaced.append(replace.sum(-1))
         if self.stages is not None:

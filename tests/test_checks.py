@@ -8,7 +8,7 @@ import torch
 
 from progressive_denoising import PDMPipeline, sampling
 from progressive_denoising.configuration_pdm import ArgumentError, PDMGenerationConfig
-from progressive_denoising.sampling import sample_codes_at
+from progressive_denoising.sampling import sample_codes
 from progressive_denoising.ordering import stage_schedule
 from progressive_denoising.text_tokenizer import unknown_words
 
@@ -113,30 +113,32 @@ def test_a_negative_prompt_without_guidance_is_reported_as_ignored(pipe, caplog)
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
-def test_noise_is_drawn_only_for_the_positions_a_stage_writes(monkeypatch, guidance_scale):
+def test_noise_is_drawn_only_for_the_positions_a_stage_may_write(monkeypatch, guidance_scale):
+    """A stage samples a fixed number of positions a row (its fills and the replacement bound), not all L."""
     drawn = []
     real_rand = sampling.rand
 
     def counting_rand(shape, generator=None, device=None):
-        drawn.append(shape[0])
+        drawn.append(shape[0] * shape[1] if len(shape) == 3 else 0)  # positions that got a row of K uniforms
         return real_rand(shape, generator, device)
 
     monkeypatch.setattr(sampling, "rand", counting_rand)
     ids, mask = prompts(batch=3)
     num_stages = 4
-    out = tiny_model().generate(ids, mask, num_stages=num_stages, guidance_scale=guidance_scale,
-                                generator=generators(3), return_stages=True)
-    written = 3 * sum(stage_schedule(16, num_stages)) + int(out.replaced.sum())
-    assert sum(drawn) == written  # one row of K uniforms per written position, not 16 per image per stage
+    tiny_model().generate(ids, mask, num_stages=num_stages, guidance_scale=guidance_scale, generator=generators(3))
+    fills = stage_schedule(16, num_stages)
+    bound = [fill + (fills[stage - 1] if stage else 0) for stage, fill in enumerate(fills)]  # + replacements
+    assert sum(drawn) == 3 * sum(bound)
     assert sum(drawn) < 3 * 16 * num_stages
 
 
-def test_sampling_at_positions_follows_the_softmax():
+def test_sampling_follows_the_softmax():
     probabilities = torch.tensor([0.1, 0.2, 0.7])
-    logits = probabilities.log().expand(20000, 3)
-    rows = torch.zeros(20000, dtype=torch.long)
-    codes = sample_codes_at(logits, rows, 1, 1.0, None, None, torch.Generator().manual_seed(0))
+    logits = probabilities.log().expand(1, 20000, 3)
+    codes = sample_codes(logits, 1.0, None, None, torch.Generator().manual_seed(0))[0]
     frequencies = torch.bincount(codes, minlength=3).float() / len(codes)
     torch.testing.assert_close(frequencies, probabilities, atol=0.015, rtol=0)
-    greedy = sample_codes_at(logits[:5], rows[:5], 1, 1.0, 1, None, torch.Generator().manual_seed(0))
+    greedy = sample_codes(logits[:, :5], 1.0, 1, None, torch.Generator().manual_seed(0))
     assert (greedy == 2).all()
+
+

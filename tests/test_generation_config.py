@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from benchmarks.bench_generate import HostReads
 from progressive_denoising import PDMForTextToImage, PDMPipeline
 from progressive_denoising.configuration_pdm import ArgumentError, PDMGenerationConfig
 from progressive_denoising.ordering import stage_schedule
@@ -184,3 +185,28 @@ def test_a_prompt_longer_than_the_text_positions_is_an_error():
 def test_bad_text_position_embedding_is_refused():
     with pytest.raises(ValueError, match="text_position_embedding"):
         tiny_config(text_position_embedding="rotary")
+
+
+# -- no host synchronisation inside the stage loop ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"guidance_scale": 2.0}, {"order": "random"}, {"order": "confidence"},
+                                    {"top_k": 4, "top_p": 0.9, "temperature": 0.7}])
+def test_the_stage_loop_never_reads_back_to_the_host(kwargs):
+    """What a run reads back happens before its first stage: the counts do not grow with the number of stages."""
+    model = tiny_model()
+    ids, mask = prompts(2)
+    counts = {}
+    for num_stages in (2, 8):
+        with HostReads() as reads:
+            model.generate(ids, mask, num_stages=num_stages, generator=generators(2), **kwargs)
+        counts[num_stages] = reads.counts
+    assert counts[2] == counts[8], counts
+
+
+def test_host_reads_are_seen():
+    """The counter sees the operators the stage loop must avoid (a test that can fail)."""
+    with HostReads() as reads:
+        torch.arange(5).nonzero()
+        int(torch.tensor(3))
+    assert reads.counts == {"aten::nonzero": 1, "aten::_local_scalar_dense": 1}
