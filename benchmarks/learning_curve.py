@@ -23,7 +23,7 @@ from transformers import AutoModel, AutoTokenizer
 from progressive_denoising import PDMARForTextToImage, PDMPipeline
 from progressive_denoising.pdm_shapes import metrics
 from progressive_denoising.pdm_shapes.recogniser import ShapesRecogniser
-from benchmarks.shapes_tables import generate_images, load_test  # the same sampling and test prompts as the tables
+from benchmarks.shapes_tables import generate_images, load_test, rows_by_object_count  # as the tables sample
 
 CACHE_NAME = "learning_curve.json"
 
@@ -44,6 +44,9 @@ def score_snapshot(folder, tokenizer, vqvae, recogniser, real_images, captions, 
     stage_kwargs = {} if isinstance(model, PDMARForTextToImage) else {"num_stages": model.config.num_stages}
     images, seconds = generate_images(pipe, captions, args.seed, args.batch_size, args.guidance_scale, **stage_kwargs)
     row = metrics.evaluate_images(recogniser, images, captions, real_images)
+    if args.by_objects:
+        row["by_objects"] = {name.lstrip(", "): value for name, value in
+                             rows_by_object_count("", recogniser, images, captions, real_images).items()}
     with open(os.path.join(folder, "train_seconds.json")) as f:
         row["train_minutes"] = json.load(f)["train_seconds"] / 60
     return dict(row, seconds_per_image=seconds / len(captions))
@@ -56,7 +59,7 @@ def run_curve(run, vqvae, recogniser, real_images, captions, args):
     rows = cache.setdefault(key, {})
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or os.path.join(run, "tokenizer"))
     for step, folder in snapshots(run):
-        if str(step) not in rows:
+        if str(step) not in rows or (args.by_objects and "by_objects" not in rows[str(step)]):
             rows[str(step)] = score_snapshot(folder, tokenizer, vqvae, recogniser, real_images, captions, args)
             with open(cache_path, "w") as f:
                 json.dump(cache, f, indent=2)
@@ -66,16 +69,20 @@ def run_curve(run, vqvae, recogniser, real_images, captions, args):
     return {int(step): row for step, row in rows.items()}
 
 
-def plot(curves, path, metric="alignment"):
+def plot(curves, path, metric="alignment", by_objects=False):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 3.6), dpi=120)
-    for label, rows in curves.items():
+    for index, (label, rows) in enumerate(curves.items()):
+        colour = f"C{index}"
         points = sorted((row["train_minutes"], row[metric]) for row in rows.values())
-        axis.plot(*zip(*points), marker="o", label=label)
+        axis.plot(*zip(*points), marker="o", color=colour, label=label)
+        for part, style in (("one object", "--"), ("two objects", ":")) if by_objects else ():
+            points = sorted((row["train_minutes"], row["by_objects"][part][metric]) for row in rows.values())
+            axis.plot(*zip(*points), linestyle=style, color=colour, label=f"{label}, {part}")
     axis.set_xlabel("training minutes (2-core CPU)")
     axis.set_ylabel(f"prompt {metric}" if metric.startswith("alignment") else metric)
     axis.set_ylim(0, 1)
@@ -97,6 +104,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--guidance-scale", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--by-objects", action="store_true",
+                        help="also score one-object and two-object prompts apart (and plot them dashed, dotted)")
     parser.add_argument("--out", help="JSON file with every run's curve")
     parser.add_argument("--plot", help="PNG file: alignment against training minutes")
     args = parser.parse_args(argv)
@@ -118,7 +127,7 @@ def main(argv=None):
         with open(args.out, "w") as f:
             json.dump(curves, f, indent=2)
     if args.plot:
-        plot(curves, args.plot)
+        plot(curves, args.plot, by_objects=args.by_objects)
 
 
 if __name__ == "__main__":

@@ -60,14 +60,13 @@ def step_generator(seed, rank, index):
 
 def pick_captions(captions, generator, caption_dropout=0.0):
     """One caption per example (at random from a list); with probability `caption_dropout` the empty prompt,
-    which the T5 tokenizer makes the lone </s>: the unconditional input of classifier-free guidance."""
-    picked = []
-    for caption in captions:
-        if not isinstance(caption, str):
-            caption = caption[int(torch.randint(len(caption), (1,), generator=generator))]
-        dropped = caption_dropout > 0 and float(torch.rand(1, generator=generator)) < caption_dropout
-        picked.append("" if dropped else caption)
-    return picked
+    which the T5 tokenizer makes the lone </s>: the unconditional input of classifier-free guidance. The draws of a
+    whole batch are two tensors, not a draw per example."""
+    choice = torch.rand(len(captions), generator=generator).tolist()
+    dropped = (torch.rand(len(captions), generator=generator) < caption_dropout).tolist()
+    picked = [caption if isinstance(caption, str) else caption[int(u * len(caption))]
+              for caption, u in zip(captions, choice)]
+    return ["" if drop else caption for caption, drop in zip(picked, dropped)]
 
 
 def known_regions(batch_size, grid, share, generator):
