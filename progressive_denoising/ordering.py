@@ -8,7 +8,7 @@ This module only needs torch: it is copied next to the model code when a model i
 `trust_remote_code`.
 """
 
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -46,18 +46,25 @@ def fill_schedule(counts: torch.Tensor, num_stages: int) -> torch.Tensor:
     return counts.long().unsqueeze(1) * steps // num_stages
 
 
-def rand(shape, generator: Generators = None, device=None) -> torch.Tensor:
+def rand(shape, generator: Generators = None, device=None, lengths: Optional[List[int]] = None) -> torch.Tensor:
     """Uniform [0, 1) numbers of `shape`; with a list of generators, row b comes from generator b.
 
     Drawing each example's numbers from its own generator makes a batch give the same result as its
-    examples one by one with the same generators.
+    examples one by one with the same generators. `lengths` (one per row, with a list of generators): row b draws
+    only its first lengths[b] entries along dimension 1 (the rest is 0.5), so its stream does not depend on how
+    wide the other rows of the batch made the tensor.
     """
     if generator is None or isinstance(generator, torch.Generator):
         gen_device = generator.device if generator is not None else device
         return torch.rand(shape, generator=generator, device=gen_device).to(device)
     if len(generator) != shape[0]:
         raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}: pass one per example")
-    return torch.stack([torch.rand(shape[1:], generator=g, device=g.device) for g in generator]).to(device)
+    if lengths is None:
+        return torch.stack([torch.rand(shape[1:], generator=g, device=g.device) for g in generator]).to(device)
+    rows = torch.full(tuple(shape), 0.5, device=device)
+    for row, (g, length) in enumerate(zip(generator, lengths)):
+        rows[row, :length] = torch.rand((length, *shape[2:]), generator=g, device=g.device).to(device)
+    return rows
 
 
 def order_scores(

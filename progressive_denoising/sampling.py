@@ -56,10 +56,11 @@ def gumbel_argmax(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return (logits - torch.log(exponential.clamp(min=1e-20))).argmax(-1)
 
 
-def sample_codes(logits, temperature, top_k, top_p, generator: Generators) -> torch.Tensor:
-    """(batch, n) codes drawn from `logits` (batch, n, K) by the Gumbel-max trick, with noise per example."""
+def sample_codes(logits, temperature, top_k, top_p, generator: Generators, lengths=None) -> torch.Tensor:
+    """(batch, n) codes drawn from `logits` (batch, n, K) by the Gumbel-max trick, with noise per example (of the
+    first `lengths[b]` positions of row b only, with one generator per example: see `ordering.rand`)."""
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    return gumbel_argmax(logits, rand(logits.shape, generator, logits.device))
+    return gumbel_argmax(logits, rand(logits.shape, generator, logits.device, lengths))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -218,7 +219,10 @@ class StageRun:
         # of positions per row, whatever the state head chose, and reads nothing back (no host synchronisation).
         fills = self.cumulative[:, 1:] - self.cumulative[:, :-1]
         replacements = torch.cat([torch.zeros_like(fills[:, :1]), fills[:, :-1]], 1).clamp(max=self.limit)
-        self.widths = (fills + replacements).amax(0).tolist() if batch_size else [0] * config.num_stages
+        widths = fills + replacements  # (batch, T)
+        self.widths = widths.amax(0).tolist() if batch_size else [0] * config.num_stages
+        # With a generator per image, each row draws noise for its own width only: the same codes as alone.
+        self.row_widths = widths.T.tolist() if isinstance(generator, (list, tuple)) else None
         self.replaced, self.stages = [], [] if keep_stages else None
         self.log_prob = None if policy_temperature is None else torch.zeros(batch_size, device=codes.device)
 
@@ -308,7 +312,8 @@ class StageRun:
             # The written positions of each row first, in position order, then unwritten ones to fill the width.
             positions = torch.argsort((~written).to(torch.uint8), dim=1, stable=True)[:, : self.widths[stage]]
             sampled = sample_codes(self._logits_at(stage, token_logits, positions), self.config.temperature,
-                                   self.config.top_k, self.config.top_p, self.generator)
+                                   self.config.top_k, self.config.top_p, self.generator,
+                                   None if self.row_widths is None else self.row_widths[stage])
             # A new tensor: the codes of the stage before stay as they were (`stages` keeps them).
             codes = codes.scatter(1, positions, torch.where(written.gather(1, positions), sampled,
                                                             codes.gather(1, positions)))
