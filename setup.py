@@ -30,8 +30,10 @@ setup(
     ],
     extras_require={
         "train": ["evaluate", "tensorboard", "scipy"],
+        # LoRA adapters (progressive_denoising/lora.py, train_pdm --use_lora, pdm generate --lora).
+        "lora": ["peft>=0.13"],
         # taming-transformers-rom1504 (conversion parity tests) is installed with --no-deps: see README.
-        "test": ["pytest", "evaluate", "tensorboard", "scipy", "einops", "omegaconf"],
+        "test": ["pytest", "evaluate", "tensorboard", "scipy", "einops", "omegaconf", "peft>=0.13"],
     },
     entry_points={"console_scripts": ["pdm=progressive_denoising.cli:main"]},
 )

@@ -22,6 +22,7 @@ from .configuration_pdm import PDMConfig, PDMGenerationConfig, is_finite_number,
 # Imported here, not only through configuration_pdm: diffusers' remote-code loader copies the modules this file imports
 # (not theirs) beside it.
 from .errors import ArgumentError
+from .lora import PDMLoraMixin
 from .ordering import IGNORE_INDEX, Generators
 from .sampling import StageRun
 
@@ -304,7 +305,7 @@ def check_num_images(num_images_per_prompt):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class PDMPreTrainedModel(PreTrainedModel):
+class PDMPreTrainedModel(PDMLoraMixin, PreTrainedModel):
     config_class = PDMConfig
     # The base model (`model.base_model`) is the headless image-token decoder, a `PDMDecoderModel` shared by PDM and
     # the autoregressive baseline, which differ in their heads and attention masks; the T5 text encoder is a
@@ -426,8 +427,10 @@ class PDMPreTrainedModel(PreTrainedModel):
         return self.text_position_embedding(torch.arange(length, device=device))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(batch, S, d_model) T5 states of the prompt; without gradients when the encoder is frozen."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_text_encoder):
+        """(batch, S, d_model) T5 states of the prompt; without gradients when the encoder is frozen (and holds no
+        adapter: LoRA trains a frozen T5 through its adapter weights)."""
+        trains = not self.config.freeze_text_encoder or self.text_encoder_has_adapters()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
             if self.config.text_position_embedding != "input":
                 return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             embeds = self.text_encoder.get_input_embeddings()(input_ids)

@@ -211,6 +211,58 @@ class PDMPipeline(DiffusionPipeline):
         card.data.pipeline_tag = card.data.pipeline_tag or "text-to-image"
         return card
 
+    # -- LoRA adapters (diffusers' `LoraBaseMixin` names; the model does the work, with peft) --------------------
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict: Union[str, os.PathLike],
+                          adapter_name: Optional[str] = None, weight: float = 1.0, **kwargs) -> str:
+        """Load a LoRA adapter into the model (a `pytorch_lora_weights.safetensors` file, a folder holding one, or a
+        Hub repository; `weight_name`, `revision`, `token`, ... as in diffusers) and make it the active adapter at
+        `weight` (the adapted layers add `weight * alpha / r * B A x`); returns its name.
+
+        An adapter of another base model (missing target modules, other shapes) or a damaged file raises a
+        ValueError naming the file, and leaves the pipeline as it was.
+        """
+        name = self.model.load_lora_adapter(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
+        self.model.set_adapters([name], [weight])
+        return name
+
+    def save_lora_weights(self, save_directory: Union[str, os.PathLike], adapter_name: Optional[str] = None,
+                          weight_name: str = "pytorch_lora_weights.safetensors") -> str:
+        """Write the adapter `adapter_name` (default: the active one) alone to `save_directory/weight_name`; returns
+        the file's path. Unlike diffusers' class method it takes the adapter from the loaded model."""
+        return self.model.save_lora_adapter(save_directory, adapter_name=adapter_name, weight_name=weight_name,
+                                            base_model=self.config.get("_name_or_path"))
+
+    def set_adapters(self, adapter_names: Union[str, List[str]], adapter_weights=None):
+        """Activate the named adapters together, each at its weight (1.0 by default)."""
+        self.model.set_adapters(adapter_names, adapter_weights)
+
+    def get_active_adapters(self) -> List[str]:
+        return self.model.active_adapters()
+
+    def disable_lora(self):
+        """Generate with the base model alone (the adapters stay loaded): its codes bit for bit."""
+        self.model.disable_adapters()
+
+    def enable_lora(self):
+        self.model.enable_adapters()
+
+    def fuse_lora(self, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names: Optional[List[str]] = None):
+        """Fold the active adapters (times `lora_scale`) into the model's weights: generation at the base model's
+        speed, the codes of the unfused adapter up to float rounding."""
+        self.model.fuse_lora(lora_scale=lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names)
+
+    def unfuse_lora(self):
+        self.model.unfuse_lora()
+
+    def delete_adapters(self, adapter_names: Union[str, List[str]]):
+        self.model.delete_adapters(adapter_names)
+
+    def unload_lora_weights(self):
+        """Remove every adapter: the model is the base model again, module for module (after `fuse_lora`, the
+        base model with the adapter merged into its weights)."""
+        self.model.unload_lora()
+
     # -- generation ----------------------------------------------------------------------------------------------
 
     @property

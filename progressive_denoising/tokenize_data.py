@@ -11,8 +11,11 @@ metadata.jsonl/csv, or parquet files), parquet file(s), or a `save_to_disk` fold
 Other non-image columns are kept. Unreadable images are skipped and reported in `OUTPUT/pdm_tokenization.json`.
 
 Under `accelerate launch` each process encodes a contiguous shard on its own device and writes it to
-`OUTPUT.pdm_shards/`; the main process concatenates the shards in rank order. With several machines,
-OUTPUT must be on a file system they share. `pdm tokenize` is the command line of `tokenize`:
+`OUTPUT.pdm_shards/`; the main process concatenates the shards in rank order. With `shard_size` (`--shard-size N`)
+the split is cut instead into parquet files of N examples, `OUTPUT/SPLIT-00000-of-0000K.parquet`, which
+`train_pdm --streaming` reads as a stream; process r writes shards r, r + P, r + 2P, ... and a rerun skips the
+shards that exist (a shard gets its name only once complete), so a killed run is resumed by running it again. With
+several machines, OUTPUT must be on a file system they share. `pdm tokenize` is the command line of `tokenize`:
 
     accelerate launch -m progressive_denoising.commands.tokenize --dataset DIR --vqvae VQ_DIR --output OUT
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 
@@ -167,6 +171,109 @@ def tokenize_shard(shard, vqvae, resolution: int, offset: int, features, cache_f
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# parquet shards (`shard_size`): bounded files a stream reads, written resumably
+
+
+SKIPPED_KEY = b"pdm_skipped"  # parquet metadata of a shard: its skipped images, so a rerun can report them
+
+
+def num_parquet_shards(num_rows: int, shard_size: int) -> int:
+    """Shards of at most `shard_size` rows that `num_rows` make; one (empty) for none, so that a report exists."""
+    return max(1, math.ceil(num_rows / shard_size))
+
+
+def shard_names(split: str, num_shards: int) -> list:
+    """File names of the shards, as the Hub names parquet shards (`train-00000-of-00004.parquet`)."""
+    return [f"{split}-{index:05d}-of-{num_shards:05d}.parquet" for index in range(num_shards)]
+
+
+def check_shard_layout(output: str, split: str, num_shards: int) -> None:
+    """Refuse an `output` holding shards of `split` cut otherwise (another shard size or source): a rerun would mix
+    them with the new ones."""
+    expected = set(shard_names(split, num_shards))
+    found = sorted(name for name in os.listdir(output) if name.startswith(f"{split}-") and name.endswith(".parquet"))
+    foreign = [name for name in found if name not in expected]
+    if foreign:
+        raise ValueError(f"{output} holds {foreign[0]}, a shard of another layout than {num_shards} shard(s) of "
+                         f"{split!r}: pass --overwrite to start over, or write elsewhere")
+
+
+def write_shard(tokenized, skipped: list, path: str) -> None:
+    """`tokenized` as the parquet file `path`, with its skipped images in the metadata; written under a hidden
+    temporary name and renamed once complete, so a file with the final name is always a whole shard. The temporary
+    name is fixed (not `files.atomic_output`'s unique one): a rerun after a kill overwrites what the kill left."""
+    import pyarrow.parquet as pq
+
+    table = tokenized.data.table  # carries the features (datasets' "huggingface" schema metadata)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), SKIPPED_KEY: json.dumps(skipped)})
+    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.incomplete")
+    pq.write_table(table, temporary)
+    os.replace(temporary, path)
+
+
+def read_shard_summary(path: str) -> tuple:
+    """(rows, skipped list) of a finished shard, from its parquet footer alone."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.ParquetFile(path).metadata
+    return metadata.num_rows, json.loads(metadata.metadata.get(SKIPPED_KEY, b"[]"))
+
+
+def _encode_own_parquet_shards(source, vqvae, resolution, features, output, split, shard_size, rank, world_size,
+                               **encoding):
+    """Shards `rank`, `rank + world_size`, ... of `source` cut into `shard_size` rows, each encoded and written to
+    `output` unless a previous run finished it. Shards are cut by row count alone, so a rerun with another number of
+    processes finds the same files."""
+    num_shards = num_parquet_shards(len(source), shard_size)
+    names = shard_names(split, num_shards)
+    for index in range(rank, num_shards, world_size):
+        path = os.path.join(output, names[index])
+        if os.path.exists(path):
+            continue
+        rows = range(index * shard_size, min((index + 1) * shard_size, len(source)))
+        cache_file = os.path.join(output, f".cache-{index:05d}.arrow")
+        tokenized, skipped = tokenize_shard(source.select(rows), vqvae, resolution, rows.start, features, cache_file,
+                                            **encoding)
+        write_shard(tokenized, skipped, path)
+        del tokenized  # it maps the cache file
+        os.remove(cache_file)
+
+
+def _prepare_shard_folder(output, split, num_shards, overwrite):
+    """`output` made if new; with `overwrite` emptied of the split's shards, else checked to hold only shards of this
+    layout (the ones a rerun skips)."""
+    os.makedirs(output, exist_ok=True)
+    if overwrite:
+        for name in os.listdir(output):
+            if name.startswith(f"{split}-") and name.endswith(".parquet"):
+                os.remove(os.path.join(output, name))
+    check_shard_layout(output, split, num_shards)
+
+
+def _report_parquet_shards(output, split, num_shards, report, push_to_hub):
+    """The main process's part: the report over every shard of `output` (this run's and earlier runs'), written
+    atomically beside them; the folder pushed to the Hub data set `push_to_hub` if asked."""
+    names = shard_names(split, num_shards)
+    num_examples, skipped = 0, []
+    for name in names:
+        rows, shard_skipped = read_shard_summary(os.path.join(output, name))
+        num_examples, skipped = num_examples + rows, skipped + shard_skipped
+    report = {**report, "num_examples": num_examples, "shards": names}
+    with atomic_output(os.path.join(output, REPORT_NAME)) as temporary:
+        _write_report_file(temporary, report, skipped)
+    if push_to_hub:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(push_to_hub, repo_type="dataset", exist_ok=True)
+        api.upload_folder(repo_id=push_to_hub, folder_path=output, repo_type="dataset",
+                          allow_patterns=[f"{split}-*.parquet", REPORT_NAME])
+    print(f"tokenized {num_examples} examples into {num_shards} parquet shard(s) in {output} ({report['grid'][0]}x"
+          f"{report['grid'][1]} codes at {report['resolution']}px); skipped {len(skipped)} unreadable image(s), "
+          f"listed in {os.path.join(output, REPORT_NAME)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # driver
 
 
@@ -181,13 +288,17 @@ def _load_vqvae(vqvae: str, subfolder: str | None = None, dtype: str = "float32"
     return model.to(device).eval()
 
 
-def _write_report(folder: str, report: dict, skipped: list) -> str:
-    """`REPORT_NAME` in `folder`: what was tokenized, how, and the skipped images in source order."""
+def _write_report_file(path: str, report: dict, skipped: list) -> str:
+    """The report at `path`: what was tokenized, how, and the skipped images in source order."""
     report = {**report, "num_skipped": len(skipped), "skipped": sorted(skipped, key=lambda item: item["index"])}
-    path = os.path.join(folder, REPORT_NAME)
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
     return path
+
+
+def _write_report(folder: str, report: dict, skipped: list) -> str:
+    """`REPORT_NAME` in `folder` (see `_write_report_file`)."""
+    return _write_report_file(os.path.join(folder, REPORT_NAME), report, skipped)
 
 
 def _gather(work_dir: str, world_size: int, features):
@@ -250,9 +361,12 @@ def tokenize(
     max_examples: int | None = None,
     dtype: str = "float32",
     push_to_hub: str | None = None,
+    shard_size: int | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Tokenize split `split` of the image-text source `dataset` (see the module docstring) with the VQ model
-    `vqvae` into the `save_to_disk` folder `output`; returns the report written there (on every process).
+    `vqvae` into the `save_to_disk` folder `output`, or with `shard_size` into parquet shards in the folder `output`;
+    returns the report written there (on every process).
 
     Args:
         dataset_config: configuration name of a Hub data set.
@@ -263,6 +377,10 @@ def tokenize(
         max_examples: tokenize only the first N examples of the split.
         dtype: of the VQ encoder's weights (distances are always computed in float32).
         push_to_hub: a Hub data set id to push the result to as well.
+        shard_size: write `SPLIT-00000-of-0000N.parquet` files of at most this many examples instead, for
+            `train_pdm --streaming`. A rerun into the same folder skips the shards already written (each is
+            renamed into place once complete).
+        overwrite: with `shard_size`, remove the split's shards already in `output` first (start over).
     """
     import datasets
     from accelerate import Accelerator
@@ -284,16 +402,27 @@ def tokenize(
         source = source.select(range(min(max_examples, len(source))))
     features = output_features(source.features, image_column, caption_column, grid[0] * grid[1])
 
-    work_dir = os.path.abspath(output).rstrip(os.sep) + ".pdm_shards"
-    os.makedirs(work_dir, exist_ok=True)
-    accelerator.wait_for_everyone()
-    _encode_own_shard(source, model, resolution, features, work_dir, rank, world_size, image_column=image_column,
-                      caption_column=caption_column, batch_size=batch_size)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        report = {"vqvae": os.path.join(vqvae, vqvae_subfolder) if vqvae_subfolder else vqvae, "dataset": dataset,
-                  "split": split, "resolution": resolution, "grid": list(grid), "codebook_size": codebook_size(model)}
-        _save_gathered(work_dir, world_size, features, output, report, push_to_hub)
+    encoding = {"image_column": image_column, "caption_column": caption_column, "batch_size": batch_size}
+    report = {"vqvae": os.path.join(vqvae, vqvae_subfolder) if vqvae_subfolder else vqvae, "dataset": dataset,
+              "split": split, "resolution": resolution, "grid": list(grid), "codebook_size": codebook_size(model)}
+    if shard_size is not None:
+        num_shards = num_parquet_shards(len(source), shard_size)
+        if accelerator.is_main_process:
+            _prepare_shard_folder(output, split, num_shards, overwrite)
+        accelerator.wait_for_everyone()
+        _encode_own_parquet_shards(source, model, resolution, features, output, split, shard_size, rank, world_size,
+                                   **encoding)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _report_parquet_shards(output, split, num_shards, report, push_to_hub)
+    else:
+        work_dir = os.path.abspath(output).rstrip(os.sep) + ".pdm_shards"
+        os.makedirs(work_dir, exist_ok=True)
+        accelerator.wait_for_everyone()
+        _encode_own_shard(source, model, resolution, features, work_dir, rank, world_size, **encoding)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _save_gathered(work_dir, world_size, features, output, report, push_to_hub)
     accelerator.wait_for_everyone()
     with open(os.path.join(output, REPORT_NAME), encoding="utf-8") as handle:
         return json.load(handle)

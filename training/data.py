@@ -37,8 +37,14 @@ def load_splits(dataset, train_split="train", validation_split="validation", val
 
 
 def all_captions(dataset):
-    """Every caption of a data set (lists flattened), e.g. to train a tokenizer."""
-    for caption in dataset["caption"]:
+    """Every caption of a data set (lists flattened), e.g. to train a tokenizer; a stream is read through once, its
+    captions alone."""
+    import datasets
+
+    streamed = isinstance(dataset, datasets.IterableDataset)
+    captions = dataset.select_columns(["caption"]) if streamed else dataset["caption"]
+    for caption in captions:
+        caption = caption["caption"] if isinstance(caption, dict) else caption
         yield from ([caption] if isinstance(caption, str) else caption)
 
 
@@ -143,3 +149,156 @@ class TextStates:
         if self.cache:
             return self.encoder_states(model, captions, device)
         return self.tokenize(captions, device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# streamed training data (`train_pdm --streaming`): parquet shards read as a `datasets.IterableDataset`
+
+
+def shard_files(dataset, split="train"):
+    """The local parquet shards of `dataset`, sorted: a glob, one file, or a folder of `SPLIT-*.parquet` files (as
+    `pdm tokenize --shard-size` writes them); None for a Hub data set id. An empty match names what matched nothing."""
+    import glob
+
+    if os.path.isdir(dataset):
+        pattern = os.path.join(dataset, f"{split}-*.parquet")
+    elif "*" in dataset or "?" in dataset or dataset.endswith(".parquet"):
+        pattern = dataset
+    else:
+        return None
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise ValueError(f"option 'dataset': no parquet shard matches {pattern}")
+    return files
+
+
+def check_shards(files, rank=0, world_size=1):
+    """Rows in this process's share of `files` (every `world_size`-th, so that the processes check them all once),
+    read from the parquet footers only: a missing, truncated or corrupt shard stops the run before training with
+    one line naming it (rather than an Arrow error mid-run that names no file)."""
+    import pyarrow.parquet as pq
+
+    rows = 0
+    for path in files[rank::world_size]:
+        try:
+            rows += pq.ParquetFile(path).metadata.num_rows
+        except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError, a missing file an OSError
+            raise ValueError(f"training shard {path} cannot be read ({type(error).__name__}: {error}); rewrite it "
+                             "(rerun `pdm tokenize --shard-size` after deleting it) or leave it out") from None
+    return rows
+
+
+def stream_info(dataset, files):
+    """The tokenization info (`pdm_tokenization.json`) of the local shards `files`: in the folder `dataset` or beside
+    the first shard; {} for a Hub data set or without one."""
+    if files is None:
+        return {}
+    path = os.path.join(dataset if os.path.isdir(dataset) else os.path.dirname(files[0]), TOKENIZATION_FILE)
+    return json.load(open(path)) if os.path.exists(path) else {}
+
+
+def open_stream(dataset, split, seed, buffer_size, rank, world_size):
+    """This process's part of the shards as an `IterableDataset`: shard order and a buffer of `buffer_size`
+    examples shuffled by (seed, epoch), then split by `split_dataset_by_node`, which gives each process whole shards
+    when their number is a multiple of the processes (else every process reads every shard and keeps every
+    world_size-th example). Every process shuffles with the same seed, so the parts never overlap."""
+    import datasets
+    from datasets.distributed import split_dataset_by_node
+
+    files = shard_files(dataset, split)
+    if files is None:
+        stream = datasets.load_dataset(dataset, split=split, streaming=True)
+    else:
+        stream = datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=True)
+    stream = stream.shuffle(seed=seed, buffer_size=buffer_size) if buffer_size > 1 else stream
+    return split_dataset_by_node(stream, rank=rank, world_size=world_size)
+
+
+def load_validation(dataset, split="validation"):
+    """A small map-style validation set: a `save_to_disk` folder (its `split` if it has several), parquet file(s) or
+    a glob, or a Hub data set's `split`."""
+    import datasets
+
+    if is_saved_dataset(dataset):
+        data = datasets.load_from_disk(dataset)
+        return data[split] if isinstance(data, datasets.DatasetDict) else data
+    files = shard_files(dataset, split)
+    if files is None:
+        return datasets.load_dataset(dataset, split=split)
+    return datasets.load_dataset("parquet", data_files={split: files}, split=split)
+
+
+def is_saved_dataset(path):
+    """True for a `save_to_disk` folder (rather than a folder of parquet shards)."""
+    names = ("dataset_info.json", "dataset_dict.json", "state.json")
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, name)) for name in names)
+
+
+class StreamBatches:
+    """Endless collated batches of `train_batch_size` examples of a stream, on `device`, epoch after epoch
+    (`set_epoch` reshuffles; a last, partial batch of an epoch is dropped, as the map-style loader does).
+
+    Its `state_dict` (registered for checkpointing) is where every process stands: (epoch, batches taken in it).
+    Resuming replays the epoch up to there: the stream's order is fixed by (seed, epoch), so skipping the examples
+    already taken gives exactly the batches an uninterrupted run takes next. `IterableDataset.state_dict` would avoid
+    reading the skipped examples again, but it drops the shuffle buffer's content (datasets' documentation), so the
+    resumed run would see other batches. `gather` (e.g. accelerate's `gather_object`) collects every process's
+    position into the state, which only the main process saves.
+    """
+
+    def __init__(self, stream, batch_size, device="cpu", rank=0, world_size=1, gather=None):
+        self.stream, self.batch_size, self.device = stream, batch_size, device
+        self.rank, self.world_size = rank, world_size
+        self.gather = gather or (lambda positions: positions)
+        self.epoch, self.taken, self._iterator = 0, 0, None
+
+    def _epoch_batches(self, skip):
+        import itertools
+
+        self.stream.set_epoch(self.epoch)
+        reader = iter(self.stream)
+        examples = itertools.islice(reader, skip * self.batch_size, None)
+        try:
+            while True:
+                rows = list(itertools.islice(examples, self.batch_size))
+                if len(rows) < self.batch_size:
+                    return
+                batch = collate(rows)
+                yield {key: value.to(self.device) if torch.is_tensor(value) else value for key, value in batch.items()}
+        finally:
+            reader.close()  # datasets' reading threads stop now, not whenever the garbage collector finds them
+
+    def _batches(self):
+        while True:
+            empty = True
+            for batch in self._epoch_batches(self.taken):
+                empty, self.taken = False, self.taken + 1
+                yield batch
+            if empty and self.taken == 0:
+                raise ValueError(f"process {self.rank}'s part of the training stream holds fewer than "
+                                 f"{self.batch_size} examples (train_batch_size): use fewer processes or more data")
+            self.epoch, self.taken = self.epoch + 1, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._iterator is None:
+            self._iterator = self._batches()
+        return next(self._iterator)
+
+    def close(self):
+        """Stop reading (at the end of training): the epoch's reader is closed, its threads stopped."""
+        if self._iterator is not None:
+            self._iterator.close()
+            self._iterator = None
+
+    def state_dict(self):
+        return {"positions": self.gather([[self.epoch, self.taken]])}
+
+    def load_state_dict(self, state):
+        positions = state["positions"]
+        if len(positions) != self.world_size:
+            raise ValueError(f"the checkpoint was written by {len(positions)} process(es): resume a streamed run "
+                             "with as many processes (each continues its own part of the stream)")
+        (self.epoch, self.taken), self._iterator = positions[self.rank], None

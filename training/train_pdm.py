@@ -18,7 +18,7 @@ from typing import List, Optional, Union
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from transformers import AutoTokenizer, T5Config, get_cosine_schedule_with_warmup
@@ -45,6 +45,14 @@ class Options:
     validation_size: int = HfArg(default=0, help="examples held out of a data set without a validation split")
     max_train_examples: Optional[int] = HfArg(default=None, help="train on the first N training examples only "
                                               "(data-size studies)")
+    streaming: bool = HfArg(default=False, help="read 'dataset' as a stream of parquet shards (a folder of "
+                            "SPLIT-*.parquet from `pdm tokenize --shard-size`, a glob, or a Hub id): each process its "
+                            "own shards, a shuffle buffer, resumed where it stopped")
+    shuffle_buffer_size: int = HfArg(default=1000, help="streaming: examples shuffled together (shard order is "
+                                     "shuffled too, per epoch); 0 or 1: none")
+    validation_dataset: Optional[str] = HfArg(default=None, help="streaming: a small map-style validation set (a "
+                                              "save_to_disk folder, parquet file(s) or Hub id; its "
+                                              "'validation_split'); none: no evaluation loss")
     codebook_size: Optional[int] = HfArg(default=None, help="default: pdm_tokenization.json, else the VQ model")
     token_grid_size: Optional[List[int]] = HfArg(default=None, help="H W of the code grid; default: "
                                                  "pdm_tokenization.json, else square")
@@ -121,6 +129,16 @@ class Options:
     num_samples: int = HfArg(default=8, help="validation captions sampled per evaluation")
     push_to_hub: bool = HfArg(default=False, help="upload final/ at the end")
     hub_model_id: Optional[str] = HfArg(default=None, help="the Hub repository of push_to_hub")
+    # LoRA (peft): train a small adapter on model_name_or_path, the base model staying as it is
+    use_lora: bool = HfArg(default=False, help="train LoRA adapters only; final/ then holds the adapter alone "
+                           "(pytorch_lora_weights.safetensors) and its card")
+    lora_r: int = HfArg(default=8, help="rank of the LoRA matrices")
+    lora_alpha: Optional[float] = HfArg(default=None, help="LoRA alpha (the change is scaled by alpha / r); "
+                                        "default: lora_r")
+    lora_dropout: float = HfArg(default=0.0, help="dropout on the adapters' input")
+    lora_target_modules: Optional[List[str]] = HfArg(default=None, help="decoder modules to adapt, by name suffix; "
+                                                     "default q_proj k_proj v_proj o_proj mlp.0 mlp.2")
+    lora_text_encoder: bool = HfArg(default=False, help="also adapt the T5 encoder's attention and feed-forward")
 
 
 def check_options(o):
@@ -150,10 +168,54 @@ def check_options(o):
         options.check_choice("mixed_precision", o.mixed_precision, ("no", "fp16", "bf16", "fp8"))
     if sum(x is not None for x in (o.model_name_or_path, o.text_encoder, o.text_config)) != 1:
         raise ValueError("set exactly one of the options 'model_name_or_path', 'text_encoder', 'text_config'")
+    check_lora_options(o)
     if o.cache_text_states and o.train_text_encoder:
         raise ValueError("option 'cache_text_states' needs a frozen text encoder (train_text_encoder: false)")
     if o.token_grid_size is not None and len(o.token_grid_size) != 2:
         raise ValueError(f"option 'token_grid_size' must be two numbers (h w), got {o.token_grid_size!r}")
+    check_streaming_options(o)
+
+
+def check_streaming_options(o):
+    if o.shuffle_buffer_size < 0:
+        raise ValueError(f"option 'shuffle_buffer_size' must be 0 or more, got {o.shuffle_buffer_size!r}")
+    if not o.streaming:
+        if o.validation_dataset is not None:
+            raise ValueError("option 'validation_dataset' goes with 'streaming' (map-style data sets hold their "
+                             "validation split)")
+        return
+    for name in ("max_train_examples", "validation_size"):  # both need the whole data set in hand
+        if getattr(o, name):
+            raise ValueError(f"option {name!r} works on map-style data only, not with 'streaming'")
+
+
+def check_lora_options(o):
+    if not o.use_lora:
+        return
+    if o.model_name_or_path is None or o.model_type != "pdm":
+        raise ValueError("option 'use_lora' adapts a trained PDM: set 'model_name_or_path' (model_type pdm)")
+    if o.train_text_encoder:
+        raise ValueError("option 'use_lora' trains adapters only: use 'lora_text_encoder', not 'train_text_encoder'")
+    if o.lora_text_encoder and o.cache_text_states:
+        raise ValueError("option 'cache_text_states' needs a fixed text encoder, not 'lora_text_encoder'")
+    if o.snapshot_steps:
+        raise ValueError("option 'snapshot_steps' saves whole models: not with 'use_lora' (checkpoints keep the adapter)")
+    options.check_positive(o, "lora_r")
+    options.check_range("lora_dropout", o.lora_dropout, 0.0, 1.0)
+
+
+def add_lora(model, o):
+    """The adapter `default` on the model; peft leaves only its weights trainable (what the optimizer gets)."""
+    from progressive_denoising.lora import DECODER_TARGET_MODULES, lora_config
+
+    config = lora_config(r=o.lora_r, lora_alpha=o.lora_alpha, lora_dropout=o.lora_dropout,
+                         target_modules=o.lora_target_modules or DECODER_TARGET_MODULES,
+                         text_encoder=o.lora_text_encoder)
+    model.add_adapter(config)
+    trainable = sum(p.numel() for p in loop.trainable_parameters(model))
+    if trainable == 0:
+        raise ValueError(f"option 'lora_target_modules': {o.lora_target_modules} match no decoder module")
+    print(f"LoRA: {trainable} trainable parameters of {sum(p.numel() for p in model.parameters())}")
 
 
 def check_world(accelerator, o):
@@ -167,11 +229,43 @@ def check_world(accelerator, o):
                          "without GPUs set ACCELERATE_USE_CPU=1 (see training/README.md)")
 
 
+def local_data_options(o):
+    """The data options that name a folder or a Hub id, checked as such; a glob or a parquet file is checked when the
+    shards are listed (data.shard_files)."""
+    def names_files(value):
+        return value is not None and ("*" in value or value.endswith(".parquet"))
+
+    return [name for name in ("dataset", "validation_dataset") if not names_files(getattr(o, name))]
+
+
+def load_data(o, accelerator):
+    """(train, validation or None, tokenization info): map-style splits, or with `streaming` this process's part of
+    the shards as a stream (its share of the local shards checked first) and a small map-style validation set."""
+    if not o.streaming:
+        train, validation, info = data.load_splits(o.dataset, o.train_split, o.validation_split, o.validation_size,
+                                                   o.seed)
+        if o.max_train_examples is not None:
+            train = train.select(range(min(o.max_train_examples, len(train))))
+        return train, validation, info
+    rank, world = accelerator.process_index, accelerator.num_processes
+    files = data.shard_files(o.dataset, o.train_split)
+    if files is not None:
+        data.check_shards(files, rank, world)
+        # split_dataset_by_node gives whole shards only when they divide evenly; else every process reads them all.
+        spread = "whole shards" if len(files) % world == 0 else "every shard, one example in " + str(world)
+        accelerator.print(f"streaming {len(files)} shard(s) of {o.dataset} over {world} process(es): {spread} each")
+    train = data.open_stream(o.dataset, o.train_split, o.seed, o.shuffle_buffer_size, rank, world)
+    validation = data.load_validation(o.validation_dataset, o.validation_split) if o.validation_dataset else None
+    return train, validation, data.stream_info(o.dataset, files)
+
+
 def load_tokenizer(o, train, accelerator):
     """The caption tokenizer: given, found beside the model, or trained on the captions by the main process."""
     if o.train_tokenizer:
         path = os.path.join(o.output_dir, "tokenizer")
         if accelerator.is_main_process:
+            if o.streaming:  # every caption, not the main process's part of the stream
+                train = data.open_stream(o.dataset, o.train_split, o.seed, 0, rank=0, world_size=1)
             tokenizer = train_caption_tokenizer(data.all_captions(train), vocab_size=o.tokenizer_vocab_size,
                                                 level=o.tokenizer_level)
             tokenizer.save_pretrained(path)
@@ -193,7 +287,7 @@ def data_geometry(o, info, train):
     if codebook_size is None:
         raise ValueError(f"option 'codebook_size' is required: no {data.TOKENIZATION_FILE} and no vqvae")
     grid = o.token_grid_size or info.get("grid")
-    num_tokens = len(train[0]["codes"])
+    num_tokens = len(next(iter(train))["codes"])  # the first example, of a data set or a stream
     if grid is None:
         side = math.isqrt(num_tokens)
         grid = (side, side)
@@ -228,6 +322,8 @@ def build_model(o, tokenizer, codebook_size, grid):
     model.set_attn_implementation(o.attn_implementation)
     if o.gradient_checkpointing:  # transformers 5 calls it activation checkpointing
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    if o.use_lora:
+        add_lora(model, o)
     return model
 
 
@@ -311,6 +407,8 @@ def save_final(accelerator, model, tokenizer, vqvae, ema, o, metrics, sample_pat
     raw.config.training_order, raw.config.num_stages = o.order, o.num_stages
     raw.config.token_loss_positions = o.token_loss_positions
     folder = os.path.join(o.output_dir, "final")
+    if o.use_lora:
+        return save_lora_final(raw, o, metrics, sample_path, folder)
     if vqvae is not None and o.model_type == "pdm":
         from progressive_denoising.pipeline_pdm import PDMPipeline
 
@@ -337,10 +435,32 @@ def save_final(accelerator, model, tokenizer, vqvae, ema, o, metrics, sample_pat
     return folder
 
 
+def save_lora_final(model, o, metrics, sample_path, folder):
+    """final/ of a LoRA run: the adapter alone (pytorch_lora_weights.safetensors) and a card naming the base model."""
+    path = model.save_lora_adapter(folder, base_model=o.model_name_or_path)
+    image = None
+    if sample_path:
+        image = "samples.png"
+        shutil.copy(sample_path, os.path.join(folder, image))
+    trainable = sum(p.numel() for p in loop.trainable_parameters(model))
+    extra = (f"\nA LoRA adapter (rank {o.lora_r}, alpha {o.lora_alpha or o.lora_r}, {trainable} parameters, "
+             f"{os.path.getsize(path) / 1024:.0f} KiB) for the base model `{o.model_name_or_path}`:\n\n"
+             "```python\npipe = PDMPipeline.from_pretrained(BASE_PIPELINE)\n"
+             "pipe.load_lora_weights(THIS_FOLDER_OR_REPO)\n```\n")
+    card = hub.model_card(f"LoRA adapter for {o.model_name_or_path}", o, metrics, o.dataset, o.max_train_steps,
+                          extra=extra, sample_image=image)
+    card = card.replace("\ntags:\n", "\ntags:\n- lora\n", 1)
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write(card)
+    if o.push_to_hub:
+        hub.push_folder(folder, o.hub_model_id, f"LoRA adapter after {o.max_train_steps} steps")
+    return folder
+
+
 def main(argv=None):
     o = options.parse_options(Options, argv, check=check_options)
     # Paths are checked before anything loads ("latest" and Hub ids pass: they are not local paths).
-    options.check_paths(o, inputs=("dataset", "model_name_or_path", "text_encoder", "tokenizer", "vqvae",
+    options.check_paths(o, inputs=(*local_data_options(o), "model_name_or_path", "text_encoder", "tokenizer", "vqvae",
                                    "resume_from_checkpoint"), outputs=("output_dir",))
     accelerator = Accelerator(
         gradient_accumulation_steps=o.gradient_accumulation_steps, mixed_precision=o.mixed_precision,
@@ -351,9 +471,7 @@ def main(argv=None):
     accelerator.register_save_state_pre_hook(loop.drop_tied_copies)
     set_seed(o.seed)
     os.makedirs(o.output_dir, exist_ok=True)
-    train, validation, info = data.load_splits(o.dataset, o.train_split, o.validation_split, o.validation_size, o.seed)
-    if o.max_train_examples is not None:
-        train = train.select(range(min(o.max_train_examples, len(train))))
+    train, validation, info = load_data(o, accelerator)
     tokenizer = load_tokenizer(o, train, accelerator)
     codebook_size, grid = data_geometry(o, info, train)
     model = build_model(o, tokenizer, codebook_size, grid)
@@ -371,9 +489,15 @@ def main(argv=None):
     # The prepared scheduler steps once per process per update, hence the factor.
     scheduler = get_cosine_schedule_with_warmup(optimizer, o.warmup_steps * accelerator.num_processes,
                                                 o.max_train_steps * accelerator.num_processes)
-    train_loader = make_loader(train, o, shuffle=True)
     eval_loader = make_loader(validation, o, shuffle=False) if validation is not None else None
-    model, optimizer, scheduler, train_loader = accelerator.prepare(model, optimizer, scheduler, train_loader)
+    if o.streaming:  # not prepared: each process already reads its own part of the stream (data.open_stream)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        train_loader = data.StreamBatches(train, o.train_batch_size, accelerator.device, accelerator.process_index,
+                                          accelerator.num_processes, gather=gather_object)
+        accelerator.register_for_checkpointing(train_loader)  # where each process stands in the stream
+    else:
+        train_loader = make_loader(train, o, shuffle=True)
+        model, optimizer, scheduler, train_loader = accelerator.prepare(model, optimizer, scheduler, train_loader)
     eval_loader = accelerator.prepare(eval_loader) if eval_loader is not None else None
     ema = None
     if o.ema_decay is not None:  # after `prepare`: the averages live where the weights do (a GPU, say)
@@ -399,7 +523,8 @@ def train_loop(o, accelerator, model, optimizer, scheduler, train_loader, eval_l
     log = loop.JsonlLog(os.path.join(o.output_dir, "losses.jsonl"), accelerator.is_main_process)
     write_run_info(o, accelerator)
     accum, raw = o.gradient_accumulation_steps, accelerator.unwrap_model(model, keep_torch_compile=False)
-    batches = loop.epoch_batches(accelerator, train_loader, start * accum)
+    # A stream's batches resume by themselves: its position came back with the checkpoint (load_state).
+    batches = train_loader if o.streaming else loop.epoch_batches(accelerator, train_loader, start * accum)
     metrics, sample_path = {}, None
     progress = loop.progress_bar(accelerator, start, o.max_train_steps)
     model.train()
@@ -441,6 +566,8 @@ def train_loop(o, accelerator, model, optimizer, scheduler, train_loader, eval_l
             path = loop.save_checkpoint(accelerator, o.output_dir, step, o.checkpoints_total_limit, clock.seconds)
             loop.report(accelerator, f"step {step}: saved {path}")
     progress.close()
+    if o.streaming:
+        train_loader.close()
     accelerator.wait_for_everyone()
     save_final(accelerator, model, tokenizer, vqvae, ema, o, metrics, sample_path)
     loop.finish(accelerator)

@@ -1,4 +1,5 @@
-"""`pdm generate "prompt" [--model PIPELINE] [--steps N] [--seed S] [--out out.png] [--stages-out stages.png]`.
+"""`pdm generate "prompt" [--model PIPELINE] [--lora ADAPTER [--lora-scale S]] [--steps N] [--seed S] [--out out.png]
+[--stages-out stages.png]`.
 
 The order of work: check every argument (seeds, output paths, the pipeline folder's parts, then the model's own
 checks of steps, guidance, temperature, top-k and top-p against the folder's config) before loading any weights;
@@ -13,7 +14,7 @@ import time
 from .base import ArgumentParser, CommandError, UsageError, check_seed, first_line, positive_int, run_command
 from .base import usage_errors
 from .. import BUNDLED_MODEL
-from ..files import atomic_outputs, check_distinct, check_local_or_hub, check_output_file
+from ..files import atomic_outputs, check_distinct, check_local_or_hub, check_output_file, looks_like_hub_id
 
 # The arguments of a generation run (`PDMGenerationConfig`) and of `PDMPipeline.__call__` that this command's flags
 # set. Their values are checked once, by the generation config, whose errors carry the argument's name: the flag.
@@ -77,6 +78,10 @@ def build_parser(prog):
     parser.add_argument("--negative-prompt", default=None,
                         help="prompt to guide away from (needs --guidance-scale > 1; default: the empty prompt)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (0..2^63-1; default 0)")
+    parser.add_argument("--lora", default=None, help="a LoRA adapter for the model: a pytorch_lora_weights.safetensors "
+                                                     "file, a folder holding one, or a Hub id (train_pdm --use_lora)")
+    parser.add_argument("--lora-scale", type=float, default=None,
+                        help="weight of the adapter's change, 0 = the base model (default 1; needs --lora)")
     add_generation_flags(parser)
     parser.add_argument("--num-images", type=int, default=1, help="images for the prompt, saved side by side")
     parser.add_argument("--out", default="out.png", help="image file to write (default out.png)")
@@ -107,9 +112,45 @@ def check_paths(args) -> bool:
     if args.stages_out is not None:
         check_output_file("--stages-out", args.stages_out, args.overwrite, extensions)
         check_distinct(**{"--out": args.out, "--stages-out": args.stages_out})
+    check_lora_flags(args)
     if args.model is None and not os.path.isdir(BUNDLED_MODEL):
         raise UsageError("--model", f"no bundled model at {BUNDLED_MODEL}; pass --model PATH_OR_HUB_ID")
     return check_local_or_hub("--model", model_source(args), required=("model_index.json",), what="pipeline folder")
+
+
+def check_lora_flags(args):
+    """--lora-scale needs --lora and a finite number; a local --lora must exist (a Hub id is fetched at load)."""
+    import math
+
+    if args.lora_scale is not None and args.lora is None:
+        raise UsageError("--lora-scale", "needs --lora: the adapter to scale")
+    if args.lora_scale is not None and not math.isfinite(args.lora_scale):
+        raise UsageError("--lora-scale", f"must be a finite number, got {args.lora_scale}")
+    if args.lora is not None and not os.path.exists(args.lora) and not looks_like_hub_id(args.lora):
+        raise UsageError("--lora", f"{args.lora} does not exist (a file, a folder or a Hub id)")
+
+
+def check_lora_file(args):
+    """A local --lora read before any weights load: a CommandError naming the file when it is no adapter file."""
+    if args.lora is None or not os.path.exists(args.lora):
+        return
+    from progressive_denoising.lora import read_adapter_file, resolve_adapter_file
+
+    try:
+        read_adapter_file(resolve_adapter_file(args.lora))
+    except ValueError as error:
+        raise CommandError(f"--lora: {first_line(error)}") from error
+
+
+def load_lora(pipe, args):
+    """The adapter of --lora loaded into the pipeline at --lora-scale; a CommandError naming the file when it does
+    not fit the model or cannot be read."""
+    if args.lora is None:
+        return
+    try:
+        pipe.load_lora_weights(args.lora, weight=1.0 if args.lora_scale is None else args.lora_scale)
+    except (ValueError, OSError) as error:
+        raise CommandError(f"--lora: {first_line(error)}") from error
 
 
 def model_source(args):
@@ -307,10 +348,12 @@ def run(args):
     check_model_arguments(args, config, generation_config)
     if local:
         check_components(model_source(args))
+    check_lora_file(args)
     threads = cpu_threads(args, device)
     clock.lap("checks")
     with torch_threads(threads):
         pipe = load_pipeline(args, device)
+        load_lora(pipe, args)
         clock.lap("load")
         output = generate(pipe, args, clock)
     save(output, args)
