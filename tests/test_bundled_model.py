@@ -35,16 +35,17 @@ def test_bundled_recogniser_reads_real_renders_at_the_bundle_size():
 
 def test_bundled_pipeline_draws_what_the_prompt_says():
     # The first test prompts of PDM-Shapes (seed 0, 32 px: the bundle's own test split), drawn at the pipeline's
-    # defaults and read by the bundled recogniser. README: 0.33 on 1000 prompts (0.30 on these 64); the bound leaves
-    # about 2.5 standard deviations of 64 prompts for sampling noise, and a model that ignores its prompt scores
-    # near 0 (the previous bundle: 0.05).
+    # defaults (the bundle's generation_config.json: temperature 0.6, guidance 2) and read by the bundled recogniser:
+    # 0.58 on these 64 when the bundle was made (docs/composition.md: all 1000 test prompts). The bound leaves about
+    # 2.8 standard deviations of 64 prompts for sampling noise; the previous bundle scored 0.30, a model that ignores
+    # its prompt near 0.
     pipe = PDMPipeline.from_pretrained(BUNDLED_MODEL)
     pipe.set_progress_bar_config(disable=True)
     recogniser = ShapesRecogniser.from_pretrained(os.path.join(BUNDLED_MODEL, "recogniser"))
     test = make_shapes_dataset(1, seed=0, size=pipe.vqvae.config.sample_size, num_validation=1, num_test=64)["test"]
     captions = list(test["caption"])
     images = pipe(captions, generator=[torch.Generator().manual_seed(i) for i in range(len(captions))]).images
-    assert prompt_alignment(recogniser, images, captions)[0] >= 0.15
+    assert prompt_alignment(recogniser, images, captions)[0] >= 0.4
 
 
 PINNED_PROMPTS = ["a large red circle in the top left", "a small blue square right of a large green triangle"]
@@ -54,17 +55,37 @@ PINNED_SETTINGS = {"default": {}, "random order": {"order": "random"}, "raster o
                    "8 stages, top_p 0.9": {"num_stages": 8, "top_p": 0.9}}
 
 
-def test_bundled_model_draws_the_pinned_codes():
-    # tests/data/bundled_codes.json holds the codes `generate` drew for these prompts and seeds 0 and 1 before the
-    # sampling code moved to its own module (commit cc27edb): refactors of the generation path must not change them.
-    import json
+PINNED_CODES = os.path.join(os.path.dirname(__file__), "data", "bundled_codes.json")
 
-    with open(os.path.join(os.path.dirname(__file__), "data", "bundled_codes.json")) as f:
-        pinned = json.load(f)
-    assert set(pinned) == set(PINNED_SETTINGS)
+
+def draw_pinned_codes():
+    """{setting: codes as lists} the bundled model draws for PINNED_PROMPTS with seeds 0 and 1."""
     pipe = PDMPipeline.from_pretrained(BUNDLED_MODEL)
     input_ids, attention_mask = pipe.encode_prompt(PINNED_PROMPTS)
+    drawn = {}
     for name, kwargs in PINNED_SETTINGS.items():
         generators = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
-        codes = pipe.model.generate(input_ids, attention_mask, generator=generators, **kwargs)
-        assert codes.tolist() == pinned[name], name
+        drawn[name] = pipe.model.generate(input_ids, attention_mask, generator=generators, **kwargs).tolist()
+    return drawn
+
+
+def test_bundled_model_draws_the_pinned_codes():
+    # tests/data/bundled_codes.json holds the codes `generate` drew for these prompts and seeds 0 and 1 when the
+    # bundle was made (re-pinned with a new bundle, or with a measured reason, by `python tests/test_bundled_model.py`):
+    # refactors of the generation path must not change them.
+    import json
+
+    with open(PINNED_CODES) as f:
+        pinned = json.load(f)
+    assert set(pinned) == set(PINNED_SETTINGS)
+    drawn = draw_pinned_codes()
+    for name in PINNED_SETTINGS:
+        assert drawn[name] == pinned[name], name
+
+
+if __name__ == "__main__":  # re-pin: write what the bundled model draws now
+    import json
+
+    with open(PINNED_CODES, "w") as f:
+        json.dump(draw_pinned_codes(), f)
+    print(f"wrote {PINNED_CODES}")
