@@ -118,9 +118,10 @@ def test_noise_is_drawn_only_for_the_positions_a_stage_may_write(monkeypatch, gu
     drawn = []
     real_rand = sampling.rand
 
-    def counting_rand(shape, generator=None, device=None):
-        drawn.append(shape[0] * shape[1] if len(shape) == 3 else 0)  # positions that got a row of K uniforms
-        return real_rand(shape, generator, device)
+    def counting_rand(shape, generator=None, device=None, lengths=None):
+        if len(shape) == 3:  # positions that got a row of K uniforms (each row's own width with per-image generators)
+            drawn.append(sum(lengths) if lengths is not None else shape[0] * shape[1])
+        return real_rand(shape, generator, device, lengths)
 
     monkeypatch.setattr(sampling, "rand", counting_rand)
     ids, mask = prompts(batch=3)
