@@ -122,6 +122,8 @@ def check_lora_flags(args):
     """--lora-scale needs --lora and a finite number; a local --lora must exist (a Hub id is fetched at load)."""
     import math
 
+    if not hasattr(args, "lora"):  # `pdm edit` shares these checks and has no adapter flags
+        return
     if args.lora_scale is not None and args.lora is None:
         raise UsageError("--lora-scale", "needs --lora: the adapter to scale")
     if args.lora_scale is not None and not math.isfinite(args.lora_scale):
@@ -132,7 +134,7 @@ def check_lora_flags(args):
 
 def check_lora_file(args):
     """A local --lora read before any weights load: a CommandError naming the file when it is no adapter file."""
-    if args.lora is None or not os.path.exists(args.lora):
+    if getattr(args, "lora", None) is None or not os.path.exists(args.lora):
         return
     from progressive_denoising.lora import read_adapter_file, resolve_adapter_file
 
