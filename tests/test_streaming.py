@@ -13,10 +13,9 @@ import datasets
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from test_tokenize_data import CAPTIONS as IMAGE_CAPTIONS, CORRUPT_INDEX, workspace  # noqa: F401 (a fixture)
-from train_data import TINY_OPTIONS, make_dataset
+from train_data import TINY_OPTIONS, assert_same_final_weights, make_dataset
 
 from progressive_denoising import tokenize_data
 from training import data, loop
@@ -295,8 +294,4 @@ def test_two_processes_streamed_killed_and_resumed_match_an_uninterrupted_run(co
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
 
-    a = load_file(os.path.join(straight, "final", "model.safetensors"))
-    b = load_file(os.path.join(crashed, "final", "model.safetensors"))
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    assert_same_final_weights(straight, crashed)

@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from train_data import TINY_OPTIONS, make_dataset
+from train_data import TINY_OPTIONS, assert_same_final_weights, make_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = ("-m", "training.train_pdm")  # run as a module; PYTHONPATH=ROOT (see env) makes `training` importable
@@ -90,11 +90,7 @@ def test_resuming_after_a_kill_matches_an_uninterrupted_run(config, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
 
-    a = load_file(os.path.join(straight, "final", "model.safetensors"))
-    b = load_file(os.path.join(crashed, "final", "model.safetensors"))
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    assert_same_final_weights(straight, crashed)
     straight_curve, resumed_curve = losses(straight), losses(crashed)
     for step in range(11, 31):
         assert abs(straight_curve[step] - resumed_curve[step]) < 1e-6, step

@@ -4,6 +4,7 @@ import json
 import os
 
 import torch
+from safetensors.torch import load_file
 
 from tiny import CAPTIONS
 
@@ -39,3 +40,12 @@ def make_dataset(path, num_train=64, num_validation=16, seed=0):
     with open(os.path.join(path, "pdm_tokenization.json"), "w") as f:
         json.dump({"grid": [4, 4], "codebook_size": 16, "vq_model": "tiny"}, f)
     return path
+
+
+def assert_same_final_weights(run, other, atol=1e-6):
+    """The two training runs' final/model.safetensors hold the same tensors (a resumed run against a straight one)."""
+    a = load_file(os.path.join(run, "final", "model.safetensors"))
+    b = load_file(os.path.join(other, "final", "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
