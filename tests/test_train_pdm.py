@@ -144,6 +144,18 @@ def test_checkpoints_load_with_warnings_as_errors(tmp_path):
     assert model.text_encoder.encoder.embed_tokens.weight is model.text_encoder.shared.weight
 
 
+@pytest.mark.parametrize("mixed_precision, has_bf16, warned", [
+    ("bf16", False, True), ("bf16", True, False), ("no", False, False)])
+def test_bf16_on_a_cpu_without_bf16_arithmetic_is_named(mixed_precision, has_bf16, warned, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: has_bf16)
+    accelerator = SimpleNamespace(mixed_precision=mixed_precision, device=torch.device("cpu"),
+                                  is_local_main_process=True)
+    loop.warn_emulated_bf16(accelerator)
+    assert ("mixed_precision bf16 on a CPU without bf16 arithmetic" in capsys.readouterr().out) == warned
+
+
 def test_the_autoregressive_baseline_trains_through_the_same_script(config, tmp_path):
     out = str(tmp_path / "ar")
     result = run(["--config", config, "--output_dir", out, "--model_type", "ar", "--max_train_steps", "40",
@@ -159,6 +171,12 @@ def test_the_autoregressive_baseline_trains_through_the_same_script(config, tmp_
     assert isinstance(model, PDMARForTextToImage)
     samples = json.load(open(os.path.join(out, "samples", "step-40.json")))
     assert torch.tensor(samples["codes"]).shape == (2, 16)
+
+
+def test_a_batch_larger_than_the_data_set_is_named(config, tmp_path):
+    result = run(["--config", config, "--output_dir", str(tmp_path / "big"), "--train_batch_size", "65"])
+    assert result.returncode != 0
+    assert "option 'train_batch_size': the 64 training examples fill no batch of 65 x 1 process(es)" in result.stderr
 
 
 def test_a_nan_loss_stops_naming_the_step(config, tmp_path):

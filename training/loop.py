@@ -110,6 +110,19 @@ def report(accelerator, message):
         tqdm.write(message)
 
 
+def cpu_has_bf16():
+    """Whether oneDNN runs bf16 in hardware here (AVX512-BF16 or AMX) rather than emulating it."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def warn_emulated_bf16(accelerator):
+    """A line when bf16 autocast runs on a CPU without bf16 arithmetic (an AVX2-only CPU, say): it is emulated there,
+    and an eager LoRA step took 13x longer than in float32 on such a CPU (docs/lora.md)."""
+    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_bf16():
+        report(accelerator, f"warning: mixed_precision bf16 on a CPU without bf16 arithmetic "
+                            f"({torch.backends.cpu.get_cpu_capability()}): emulated, slower than mixed_precision no")
+
+
 def check_finite(loss, step):
     """Stop on a NaN/inf loss, naming the step, before anything of that step is written."""
     if not math.isfinite(loss):

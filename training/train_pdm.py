@@ -246,6 +246,10 @@ def load_data(o, accelerator):
                                                    o.seed)
         if o.max_train_examples is not None:
             train = train.select(range(min(o.max_train_examples, len(train))))
+        needed = o.train_batch_size * accelerator.num_processes  # a last, partial batch is dropped
+        if len(train) < needed:
+            raise ValueError(f"option 'train_batch_size': the {len(train)} training examples fill no batch of "
+                             f"{o.train_batch_size} x {accelerator.num_processes} process(es)")
         return train, validation, info
     rank, world = accelerator.process_index, accelerator.num_processes
     files = data.shard_files(o.dataset, o.train_split)
@@ -468,6 +472,7 @@ def main(argv=None):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=o.seed),
     )
     check_world(accelerator, o)
+    loop.warn_emulated_bf16(accelerator)
     accelerator.register_save_state_pre_hook(loop.drop_tied_copies)
     set_seed(o.seed)
     os.makedirs(o.output_dir, exist_ok=True)

@@ -208,6 +208,7 @@ def main(argv=None, reward_fn=None):
                         outputs=("output_dir",))
     accelerator = Accelerator(mixed_precision=o.mixed_precision, log_with=o.log_with, project_dir=o.output_dir,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=o.seed))
+    loop.warn_emulated_bf16(accelerator)
     set_seed(o.seed)
     os.makedirs(o.output_dir, exist_ok=True)
     tokenizer, model, vqvae = load_components(o)
