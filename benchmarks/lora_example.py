@@ -1,21 +1,23 @@
 """Adapt a trained PDM-Shapes pipeline with a LoRA adapter to (colour, shape) pairs it never saw, and measure it.
 
-    python -m benchmarks.lora_example --model runs/rebuild/pdm-shapes32/final --recogniser runs/rebuild/recogniser32 \
-        --data runs/rebuild/shapes32 --work runs/lora-example --out docs/results/lora
+    python -m benchmarks.lora_example --model progressive_denoising/bundled/pdm-shapes \
+        --recogniser progressive_denoising/bundled/pdm-shapes/recogniser --data runs/shapes32 \
+        --work runs/lora-example --out docs/results/lora
 
-1. Data: `--num-new` new scenes whose objects are the held-out pairs only (`pdm_shapes.data.HELD_OUT_PAIRS`: red
-   triangle, blue circle, yellow square, never in the base model's training or validation split), plus `--num-replay`
-   scenes of the ordinary pairs (so the adapter learns the new pairs, not "every object is a held-out pair"),
-   rendered by the scene generator at the data set's image size and tokenized with the pipeline's own VQ model.
+1. Data: `--num-new` new scenes that each hold at least one held-out pair (`pdm_shapes.data.HELD_OUT_PAIRS`: red
+   triangle, blue circle, yellow square, never in the base model's training or validation split), drawn as the test
+   set's even scenes are, plus `--num-replay` scenes of the ordinary pairs (so the adapter learns the new pairs, not
+   "every scene holds a held-out pair"), rendered at the data set's image size and tokenized with the pipeline's own
+   VQ model. Both from random streams of their own, not the data set's.
 2. `train_pdm --use_lora` on them (the pipeline's model as `model_name_or_path`): the adapter alone is saved.
-3. The first `--num-prompts` test prompts (every other one holds a held-out pair), images drawn with seeds 0..N-1 and
-   the model's saved sampling defaults, scored by the recogniser (`metrics.evaluate_images`) for: the base pipeline
-   untouched, the pipeline with the adapter, and the same pipeline with the adapter disabled (whose codes must be the
-   base model's bit for bit; the script checks it).
+3. `--num-prompts` prompts (every other one holds a held-out pair): the data set's first test prompts, or with
+   `--split validation` new scenes drawn the same way from another stream, to choose the options on. Images are drawn
+   with seeds 0..N-1 and the model's saved sampling defaults and scored by the recogniser (`metrics.evaluate_images`)
+   for: the base pipeline untouched, the pipeline with the adapter, and the same pipeline with the adapter disabled
+   (whose codes must be the base model's bit for bit; the script checks it).
 
 Writes `OUT/lora-example.json` and `OUT/lora-example.md`. Steps whose output exists are not redone (delete `--work`
-to start again).
-"""
+to start again)."""
 
 import argparse
 import json
@@ -31,18 +33,35 @@ from progressive_denoising import PDMPipeline
 from progressive_denoising.lora import LORA_WEIGHT_NAME
 from progressive_denoising.pdm_shapes import data as shapes_data, metrics
 from progressive_denoising.pdm_shapes.recogniser import ShapesRecogniser
-from progressive_denoising.vq import encode_to_codes, postprocess_images, preprocess_images
+from progressive_denoising.vq import encode_to_codes, preprocess_images
 
-from .shapes_tables import load_test, prompt_batches
+from .shapes_tables import generate_images, load_test
 
 COLUMNS = ("alignment", "alignment_held_out", "alignment_ordinary", "colour", "shape", "size", "layout", "fid")
 
 
-def render_scenes(count, pairs, size, seed):
-    """(PIL images, captions) of `count` new scenes whose objects take only `pairs`."""
+def render_scenes(count, sample, size, seed):
+    """(PIL images, captions) of `count` new scenes, scene i drawn by `sample(rng, size, i)`."""
     rng = np.random.default_rng(seed)
-    scenes = [shapes_data.sample_scene(rng, size, allowed_pairs=pairs) for _ in range(count)]
+    scenes = [sample(rng, size, index) for index in range(count)]
     return [shapes_data.render_scene(s, size) for s in scenes], [shapes_data.caption_for(s) for s in scenes]
+
+
+def held_out_scene(rng, size, index):
+    return shapes_data.sample_held_out_scene(rng, size)
+
+
+def ordinary_scene(rng, size, index):
+    return shapes_data.sample_scene(rng, size, shapes_data.TRAIN_PAIRS)
+
+
+def load_prompts(args, size):
+    """(real images, captions) of the prompts to score: the data set's first test prompts, or for `--split
+    validation` as many new scenes drawn as the test scenes are (every other one with a held-out pair), from a
+    stream of their own: the data set's validation split holds no held-out pair to choose on."""
+    if args.split == "test":
+        return load_test(args.data, args.num_prompts)
+    return render_scenes(args.num_prompts, shapes_data.sample_test_scene, size, seed=20_000 + args.seed)
 
 
 @torch.no_grad()
@@ -63,8 +82,8 @@ def make_adaptation_data(pipe, folder, num_new, num_replay, size, seed):
         return folder
     from datasets import Dataset, DatasetDict
 
-    new_images, new_captions = render_scenes(num_new, shapes_data.HELD_OUT_PAIRS, size, seed)
-    old_images, old_captions = render_scenes(num_replay, shapes_data.TRAIN_PAIRS, size, seed + 1)
+    new_images, new_captions = render_scenes(num_new, held_out_scene, size, seed)
+    old_images, old_captions = render_scenes(num_replay, ordinary_scene, size, seed + 1)
     codes, errors = tokenize(pipe.vqvae, new_images + old_images, size)
     DatasetDict(train=Dataset.from_dict({
         "caption": new_captions + old_captions, "codes": codes.int().tolist(), "quant_error": errors.tolist(),
@@ -88,9 +107,9 @@ def train_command(args, dataset, output_dir):
         "--use_lora", "true", "--lora_r", str(args.lora_r), "--lora_alpha", str(args.lora_alpha or args.lora_r),
         "--lora_text_encoder", str(args.lora_text_encoder).lower(), "--learning_rate", str(args.learning_rate),
         "--max_train_steps", str(args.steps), "--warmup_steps", str(args.steps // 10), "--train_batch_size", "32",
-        "--mixed_precision", "bf16", "--attn_implementation", "eager", "--log_with", "null", "--num_samples", "0",
-        "--checkpointing_steps", str(args.steps), "--checkpoints_total_limit", "1", "--eval_steps",
-        str(args.steps), "--seed", str(args.seed),
+        "--mixed_precision", args.mixed_precision, "--attn_implementation", "eager", "--log_with", "null",
+        "--num_samples", "0", "--checkpointing_steps", str(args.steps), "--checkpoints_total_limit", "1",
+        "--eval_steps", str(args.steps), "--seed", str(args.seed),
     ]
 
 
@@ -112,19 +131,12 @@ def train_adapter(args, dataset):
                    "last_loss": sum(r["loss"] for r in records[-20:]) / 20}
 
 
-@torch.no_grad()
 def generate(pipe, captions, seed, batch_size):
-    """(codes (N, L), PIL images) for `captions`, image i drawn with generator seed + i, the model's sampling
-    defaults."""
+    """(codes (N, L), PIL images, seconds of `generate`) for `captions`, image i drawn with generator seed + i, the
+    model's saved sampling defaults."""
     codes = []
-    for chunk, generators in prompt_batches(captions, seed, batch_size):
-        input_ids, attention_mask = pipe.encode_prompt(chunk)
-        codes.append(pipe.model.generate(input_ids, attention_mask, generator=generators))
-    codes = torch.cat(codes)
-    images = []
-    for start in range(0, len(codes), batch_size):
-        images += postprocess_images(pipe.decode_codes(codes[start:start + batch_size]), "pil")
-    return codes, images
+    images, seconds = generate_images(pipe, captions, seed, batch_size, guidance_scale=None, codes_out=codes)
+    return torch.cat(codes), images, seconds
 
 
 def score(recogniser, images, captions, real_images):
@@ -137,28 +149,23 @@ def score(recogniser, images, captions, real_images):
     return row
 
 
-def evaluate_arms(args, adapter):
+def evaluate_arms(args, adapter, real_images, captions):
     """Rows for the base pipeline untouched, with the adapter, and with the adapter disabled."""
     recogniser = ShapesRecogniser.from_pretrained(args.recogniser)
-    real_images, captions = load_test(args.data, args.num_prompts)
     rows, seconds = {}, {}
     base = PDMPipeline.from_pretrained(args.model)
     base.set_progress_bar_config(disable=True)
-    began = time.perf_counter()
-    base_codes, images = generate(base, captions, args.seed, args.batch_size)
-    seconds["base model (untouched)"] = time.perf_counter() - began
+    base_codes, images, seconds["base model (untouched)"] = generate(base, captions, args.seed, args.batch_size)
     rows["base model (untouched)"] = score(recogniser, images, captions, real_images)
 
     pipe = PDMPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(adapter, adapter_name="held-out-pairs")
-    began = time.perf_counter()
-    _, images = generate(pipe, captions, args.seed, args.batch_size)
-    seconds["with the LoRA adapter"] = time.perf_counter() - began
+    _, images, seconds["with the LoRA adapter"] = generate(pipe, captions, args.seed, args.batch_size)
     rows["with the LoRA adapter"] = score(recogniser, images, captions, real_images)
 
     pipe.disable_lora()
-    disabled_codes, images = generate(pipe, captions, args.seed, args.batch_size)
+    disabled_codes, images, _ = generate(pipe, captions, args.seed, args.batch_size)
     rows["adapter loaded, disabled"] = score(recogniser, images, captions, real_images)
     same = bool(torch.equal(disabled_codes, base_codes))
     if not same:
@@ -182,7 +189,7 @@ def format_markdown(result):
         cells = [f"{row[key]:.3f}" if key != "fid" else f"{row[key]:.1f}" for key in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     facts = result["facts"]
-    lines += ["", f"- {result['num_prompts']} test prompts ({result['num_held_out_prompts']} with a held-out pair), "
+    lines += ["", f"- {result['num_prompts']} {result['options']['split']} prompts ({result['num_held_out_prompts']} with a held-out pair), "
               f"sampling seeds {result['seed']}..{result['seed'] + result['num_prompts'] - 1}, the model's saved "
               "sampling defaults",
               f"- adapter: rank {result['options']['lora_r']}, {facts['trainable_parameters']} parameters in "
@@ -210,6 +217,11 @@ def parse_args(argv=None):
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--lora-alpha", type=float, default=None)
     parser.add_argument("--lora-text-encoder", action="store_true", help="also adapt the T5 encoder")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
+                        help="train_pdm's autocast: bf16 pays only on a CPU with native bf16 (AVX512-BF16 or AMX); "
+                             "on an AVX2 CPU it is emulated and a step takes 13x longer")
+    parser.add_argument("--split", choices=("validation", "test"), default="test",
+                        help="score on the data set's test prompts, or on new validation scenes to choose options on")
     parser.add_argument("--num-prompts", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
@@ -227,8 +239,8 @@ def main(argv=None):
     base_parameters = sum(p.numel() for p in pipe.model.parameters())
     del pipe
     adapter, train_facts = train_adapter(args, dataset)
-    rows, seconds, same = evaluate_arms(args, adapter)
-    captions = load_test(args.data, args.num_prompts)[1]
+    real_images, captions = load_prompts(args, size)
+    rows, seconds, same = evaluate_arms(args, adapter, real_images, captions)
     result = {
         "rows": rows, "generate_seconds": seconds, "disabled_equals_base": same, "num_prompts": len(captions),
         "num_held_out_prompts": sum(shapes_data.has_held_out_pair(shapes_data.parse_caption(c)["objects"])

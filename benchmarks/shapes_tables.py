@@ -67,11 +67,12 @@ def prompt_batches(captions, seed, batch_size):
         yield chunk, [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
 
 
-def generate_images(pipe, captions, seed, batch_size, guidance_scale, replaced=None, **stage_kwargs):
+def generate_images(pipe, captions, seed, batch_size, guidance_scale, replaced=None, codes_out=None, **stage_kwargs):
     """PIL images for `captions` (image i drawn with generator seed + i) and the seconds `generate` took.
 
     `stage_kwargs` (`num_stages`, `order`, any other argument of `generate`) go to PDM's `generate`; the AR baseline
-    takes none. A list passed as `replaced` receives the number of codes error recovering replaced in each image.
+    takes none; `guidance_scale=None` is the model's saved default. A list passed as `replaced` receives the number of
+    codes error recovering replaced in each image, one passed as `codes_out` each batch's codes.
     """
     if replaced is not None:
         stage_kwargs["return_stages"] = True
@@ -85,6 +86,8 @@ def generate_images(pipe, captions, seed, batch_size, guidance_scale, replaced=N
         if replaced is not None:
             replaced += codes.replaced.sum(1).tolist()
             codes = codes.codes
+        if codes_out is not None:
+            codes_out.append(codes)
         images += postprocess_images(pipe.decode_codes(codes), "pil")
     return images, seconds
 

@@ -321,15 +321,21 @@ def has_held_out_pair(objects):
     return any((obj["colour"], obj["shape"]) in HELD_OUT_PAIRS for obj in objects)
 
 
-def _sample_test_scene(rng, size, index):
-    """Even test scenes contain at least one held-out pair, odd ones only ordinary pairs."""
-    if index % 2 == 1:
-        return sample_scene(rng, size, TRAIN_PAIRS)
+def sample_held_out_scene(rng, size=64):
+    """A scene drawn as ``sample_scene`` draws it (every pair allowed), on the condition that it holds at least one
+    held-out pair: what the even test scenes are."""
     for _ in range(MAX_TRIES):
         scene = sample_scene(rng, size)
         if has_held_out_pair(scene["objects"]):
             return scene
-    raise RuntimeError("could not sample a test scene with a held-out pair")
+    raise RuntimeError("could not sample a scene with a held-out pair")
+
+
+def sample_test_scene(rng, size, index):
+    """Even test scenes contain at least one held-out pair, odd ones only ordinary pairs."""
+    if index % 2 == 1:
+        return sample_scene(rng, size, TRAIN_PAIRS)
+    return sample_held_out_scene(rng, size)
 
 
 def _features():
@@ -357,7 +363,7 @@ def _split_records(split, count, seed, size):
     records = {"image": [], "caption": [], "objects": [], "region": [], "relation": []}
     for index in range(count):
         if split == "test":
-            scene = _sample_test_scene(rng, size, index)
+            scene = sample_test_scene(rng, size, index)
         else:
             scene = sample_scene(rng, size, TRAIN_PAIRS)
         records["image"].append(render_scene(scene, size))
