@@ -96,15 +96,12 @@ def make_adaptation_data(pipe, folder, num_new, num_replay, size, seed):
 
 
 def train_command(args, dataset, output_dir):
-    """train_pdm's command line: the base model's order and stages, the adapter alone trained."""
-    model = os.path.join(args.model, "model")
-    with open(os.path.join(model, "config.json")) as f:
-        base = json.load(f)
+    """train_pdm's command line: the adapter alone trained, with the base model's order and stages (train_pdm's
+    defaults for a model_name_or_path)."""
     return [
-        sys.executable, "-m", "training.train_pdm", "--dataset", dataset, "--model_name_or_path", model,
-        "--tokenizer", os.path.join(args.model, "tokenizer"), "--output_dir", output_dir,
-        "--order", base.get("training_order", "quant-error"), "--num_stages", str(base.get("num_stages", 16)),
-        "--use_lora", "true", "--lora_r", str(args.lora_r), "--lora_alpha", str(args.lora_alpha or args.lora_r),
+        sys.executable, "-m", "training.train_pdm", "--dataset", dataset,
+        "--model_name_or_path", os.path.join(args.model, "model"), "--tokenizer", os.path.join(args.model, "tokenizer"),
+        "--output_dir", output_dir, "--use_lora", "true", "--lora_r", str(args.lora_r), "--lora_alpha", str(args.lora_alpha or args.lora_r),
         "--lora_text_encoder", str(args.lora_text_encoder).lower(), "--learning_rate", str(args.learning_rate),
         "--max_train_steps", str(args.steps), "--warmup_steps", str(args.steps // 10), "--train_batch_size", "32",
         "--mixed_precision", args.mixed_precision, "--attn_implementation", "eager", "--log_with", "null",

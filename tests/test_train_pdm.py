@@ -173,6 +173,26 @@ def test_the_autoregressive_baseline_trains_through_the_same_script(config, tmp_
     assert torch.tensor(samples["codes"]).shape == (2, 16)
 
 
+def test_order_and_stages_default_to_the_base_models(tmp_path):
+    from tiny import tiny_model
+
+    from training.train_pdm import fill_stage_options
+
+    tiny_model(training_order="raster", num_stages=4).save_pretrained(tmp_path / "base")
+    o = Options(dataset="d", model_name_or_path=str(tmp_path / "base"))
+    fill_stage_options(o)
+    assert (o.order, o.num_stages) == ("raster", 4)
+    o = Options(dataset="d", model_name_or_path=str(tmp_path / "base"), order="random", num_stages=8)
+    fill_stage_options(o)
+    assert (o.order, o.num_stages) == ("random", 8)
+    o = Options(dataset="d", text_config={})
+    fill_stage_options(o)
+    assert (o.order, o.num_stages) == ("quant-error", 64)
+    tiny_model(training_order="learned").save_pretrained(tmp_path / "learned")
+    with pytest.raises(ValueError, match="option 'order' is required: .* has the learned order"):
+        fill_stage_options(Options(dataset="d", model_name_or_path=str(tmp_path / "learned")))
+
+
 def test_a_batch_larger_than_the_data_set_is_named(config, tmp_path):
     result = run(["--config", config, "--output_dir", str(tmp_path / "big"), "--train_batch_size", "65"])
     assert result.returncode != 0

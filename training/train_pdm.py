@@ -82,8 +82,9 @@ class Options:
     vqvae: Optional[str] = HfArg(default=None, help="diffusers VQModel folder: sample images and a full pipeline "
                                  "folder")
     # stages and orders
-    order: str = HfArg(default="quant-error", help=f"training order: {', '.join(TRAIN_ORDERS)}")
-    num_stages: int = HfArg(default=64, help="stages T")
+    order: Optional[str] = HfArg(default=None, help=f"training order: {', '.join(TRAIN_ORDERS)}; default: the "
+                                 "model_name_or_path model's, else quant-error")
+    num_stages: Optional[int] = HfArg(default=None, help="stages T; default: the model_name_or_path model's, else 64")
     p_error: float = HfArg(default=0.3, help="probability of pseudo errors")
     token_loss_positions: str = HfArg(default="masked", help='or "stage" (the paper\'s group t); see '
                                       "ordering.build_stage_tuples")
@@ -146,7 +147,8 @@ def check_options(o):
     if o.order == "learned":
         raise ValueError("option 'order': 'learned' comes from training/train_policy.py after training with a "
                          "fixed order (usually quant-error)")
-    options.check_choice("order", o.order, TRAIN_ORDERS)
+    if o.order is not None:
+        options.check_choice("order", o.order, TRAIN_ORDERS)
     options.check_choice("model_type", o.model_type, tuple(MODEL_TYPES))
     options.check_choice("token_loss_positions", o.token_loss_positions, TOKEN_LOSS_POSITIONS)
     options.check_choice("token_loss_weighting", o.token_loss_weighting, TOKEN_LOSS_WEIGHTINGS)
@@ -298,6 +300,21 @@ def data_geometry(o, info, train):
     if grid[0] * grid[1] != num_tokens:
         raise ValueError(f"option 'token_grid_size': {grid} does not hold the {num_tokens} codes of an example")
     return int(codebook_size), (int(grid[0]), int(grid[1]))
+
+
+def fill_stage_options(o):
+    """`order` and `num_stages` left unset: those the model_name_or_path model was trained with (continuing it, or an
+    adapter for it, with other tuples than it knows would quietly mismatch), else quant-error and 64."""
+    base = {}
+    if o.model_name_or_path and (o.order is None or o.num_stages is None):
+        from transformers import PretrainedConfig
+
+        base = PretrainedConfig.get_config_dict(o.model_name_or_path)[0]
+    if o.order is None and base.get("training_order") == "learned":
+        raise ValueError(f"option 'order' is required: {o.model_name_or_path} has the learned order, which gives no "
+                         "training tuples (usually quant-error)")
+    o.order = o.order or base.get("training_order") or "quant-error"
+    o.num_stages = o.num_stages or base.get("num_stages") or 64
 
 
 def build_model(o, tokenizer, codebook_size, grid):
@@ -479,6 +496,7 @@ def main(argv=None):
     train, validation, info = load_data(o, accelerator)
     tokenizer = load_tokenizer(o, train, accelerator)
     codebook_size, grid = data_geometry(o, info, train)
+    fill_stage_options(o)
     model = build_model(o, tokenizer, codebook_size, grid)
     vqvae = None
     if o.vqvae:
