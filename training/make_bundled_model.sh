@@ -29,9 +29,12 @@ step() {  # step NAME COMMAND...: run and record its minutes
     --vqvae "$RUNS/vq32-f4" --output "$RUNS/shapes32-codes-f4" --batch-size 256
 # 4. the PDM (word tokenizer + jointly trained T5 with word positions + decoder), 26000 steps at batch 32 (about 55
 #    minutes: compiled, 0.113 s a step, and checkpoints); writes a pipeline folder to $RUNS/pdm-shapes32/final
+#    bf16 autocast only where the CPU has bf16 arithmetic: emulated on an AVX2-only CPU, a compiled step takes 3.8 s
+#    there against 0.21 s in float32 (benchmarks/README.md)
+PRECISION=$(python -c "import torch; print('bf16' if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'no')")
 [ -d "$RUNS/pdm-shapes32/final" ] || step pdm python -m training.train_pdm --config training/configs/shapes32_cpu.yaml \
     --dataset "$RUNS/shapes32-codes-f4" --vqvae "$RUNS/vq32-f4" --output_dir "$RUNS/pdm-shapes32" \
-    --resume_from_checkpoint latest
+    --mixed_precision "$PRECISION" --resume_from_checkpoint latest
 # 5. the attribute recogniser used by `pdm evaluate` (about five minutes)
 [ -f "$RUNS/recogniser32/model.safetensors" ] || step recogniser python -m training.train_recogniser \
     --output_dir "$RUNS/recogniser32" --resolution 32 --num_scenes 20000 --max_train_steps 2500 --seed 0
