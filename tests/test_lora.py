@@ -297,7 +297,9 @@ def test_train_pdm_use_lora_saves_the_adapter_alone_and_resumes_exactly(base_and
     assert "trainable parameters" in result.stdout
     final = os.path.join(straight, "final")
     assert sorted(os.listdir(final)) == ["README.md", LORA_WEIGHT_NAME]
-    assert base in open(os.path.join(final, "README.md")).read()  # the card names the base model
+    card = open(os.path.join(final, "README.md")).read()
+    assert base in card and "A LoRA adapter of a PDM trained" in card  # the card names the base model
+    assert "`hidden_size`" not in card and "`lora_r` | `4`" in card  # the base's sizes, not the ignored defaults
     adapter = load_file(os.path.join(final, LORA_WEIGHT_NAME))
     assert all(".lora_" in key for key in adapter) and any(k.startswith("text_encoder.") for k in adapter)
 

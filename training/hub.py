@@ -11,7 +11,7 @@ CARD_TEMPLATE = """---
 
 # {{ title }}
 
-A Progressive Denoising Model (PDM) trained with `progressive-denoising` on `{{ dataset }}` for {{ steps }} steps.
+{{ what }} trained with `progressive-denoising` on `{{ dataset }}` for {{ steps }} steps.
 {{ extra }}
 ## Metrics
 
@@ -25,8 +25,10 @@ A Progressive Denoising Model (PDM) trained with `progressive-denoising` on `{{ 
 """
 
 
-def model_card(title, options, metrics, dataset, steps, extra="", sample_image=None, license="apache-2.0"):
-    """README.md text: what was trained on what, for how long, and how well, under the Hub's metadata.
+def model_card(title, options, metrics, dataset, steps, extra="", sample_image=None, license="apache-2.0",
+               what="A Progressive Denoising Model (PDM)", unused_options=()):
+    """README.md text: `what` was trained on what, for how long, and how well, under the Hub's metadata; the options
+    table leaves out `unused_options` (a fine-tuned model's sizes, which come from its base) and unset ones.
 
     huggingface_hub renders the card (`ModelCard.from_template`) and diffusers adds the tags (`populate_model_card`,
     as diffusers' training scripts do). The metadata names the `license` of the weights, the data set (`datasets`)
@@ -45,11 +47,12 @@ def model_card(title, options, metrics, dataset, steps, extra="", sample_image=N
     card_data = ModelCardData(library_name="progressive-denoising", pipeline_tag="text-to-image", license=license,
                               datasets=[hub_id(dataset)] if hub_id(dataset) else None, base_model=base_model)
     card = ModelCard.from_template(
-        card_data, template_str=CARD_TEMPLATE, title=title, dataset=dataset, steps=steps, extra=extra,
+        card_data, template_str=CARD_TEMPLATE, title=title, what=what, dataset=dataset, steps=steps, extra=extra,
         metrics="\n".join(f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in metrics.items())
         or "- none recorded",
         samples=f"\n## Samples\n\n![samples]({sample_image})\n" if sample_image else "",
-        options="\n".join(f"| `{k}` | `{v}` |" for k, v in dataclasses.asdict(options).items() if v is not None),
+        options="\n".join(f"| `{k}` | `{v}` |" for k, v in dataclasses.asdict(options).items()
+                          if v is not None and k not in unused_options),
     )
     return str(populate_model_card(card, tags=["progressive-denoising", "pdm", "text-to-image"]))
 

@@ -302,6 +302,15 @@ def data_geometry(o, info, train):
     return int(codebook_size), (int(grid[0]), int(grid[1]))
 
 
+# The new model's sizes: a run from model_name_or_path takes them from that model and ignores these.
+ARCHITECTURE_OPTIONS = ("text_config", "text_position_embedding", "hidden_size", "num_hidden_layers",
+                        "num_attention_heads", "intermediate_size", "hidden_dropout", "attention_dropout")
+
+
+def unused_options(o):
+    return ARCHITECTURE_OPTIONS if o.model_name_or_path else ()
+
+
 def fill_stage_options(o):
     """`order` and `num_stages` left unset: those the model_name_or_path model was trained with (continuing it, or an
     adapter for it, with other tuples than it knows would quietly mismatch), else quant-error and 64."""
@@ -448,7 +457,8 @@ def save_final(accelerator, model, tokenizer, vqvae, ema, o, metrics, sample_pat
         extra = (f"\nOrder `{o.order}`, T = {o.num_stages} stages, p_error = {o.p_error}, "
                  f"token loss on {o.token_loss_positions} positions, "
                  f"caption dropout = {o.caption_dropout}.\n")
-    card = hub.model_card(title, o, metrics, o.dataset, o.max_train_steps, extra=extra, sample_image=image)
+    card = hub.model_card(title, o, metrics, o.dataset, o.max_train_steps, extra=extra, sample_image=image,
+                          unused_options=unused_options(o))
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(card)
     if o.push_to_hub:
@@ -469,7 +479,8 @@ def save_lora_final(model, o, metrics, sample_path, folder):
              "```python\npipe = PDMPipeline.from_pretrained(BASE_PIPELINE)\n"
              "pipe.load_lora_weights(THIS_FOLDER_OR_REPO)\n```\n")
     card = hub.model_card(f"LoRA adapter for {o.model_name_or_path}", o, metrics, o.dataset, o.max_train_steps,
-                          extra=extra, sample_image=image)
+                          extra=extra, sample_image=image, what="A LoRA adapter of a PDM",
+                          unused_options=unused_options(o))
     card = card.replace("\ntags:\n", "\ntags:\n- lora\n", 1)
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(card)
