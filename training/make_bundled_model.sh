@@ -31,7 +31,7 @@ step() {  # step NAME COMMAND...: run and record its minutes
 #    minutes: compiled, 0.113 s a step, and checkpoints); writes a pipeline folder to $RUNS/pdm-shapes32/final
 #    bf16 autocast only where the CPU has bf16 arithmetic: emulated on an AVX2-only CPU, a compiled step takes 3.8 s
 #    there against 0.21 s in float32 (benchmarks/README.md)
-PRECISION=$(python -c "import torch; print('bf16' if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'no')")
+PRECISION=$(python -c "from training.loop import cpu_has_bf16; print('bf16' if cpu_has_bf16() else 'no')")
 [ -d "$RUNS/pdm-shapes32/final" ] || step pdm python -m training.train_pdm --config training/configs/shapes32_cpu.yaml \
     --dataset "$RUNS/shapes32-codes-f4" --vqvae "$RUNS/vq32-f4" --output_dir "$RUNS/pdm-shapes32" \
     --mixed_precision "$PRECISION" --resume_from_checkpoint latest
