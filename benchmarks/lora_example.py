@@ -104,7 +104,8 @@ def train_command(args, dataset, output_dir):
     return [
         sys.executable, "-m", "training.train_pdm", "--dataset", dataset,
         "--model_name_or_path", os.path.join(args.model, "model"), "--tokenizer", os.path.join(args.model, "tokenizer"),
-        "--output_dir", output_dir, "--use_lora", "true", "--lora_r", str(args.lora_r), "--lora_alpha", str(args.lora_alpha or args.lora_r),
+        "--output_dir", output_dir, "--use_lora", "true", "--lora_r", str(args.lora_r),
+        "--lora_alpha", str(args.lora_alpha or args.lora_r),
         "--lora_text_encoder", str(args.lora_text_encoder).lower(), "--learning_rate", str(args.learning_rate),
         "--max_train_steps", str(args.steps), "--warmup_steps", str(args.steps // 10), "--train_batch_size", "32",
         "--mixed_precision", args.mixed_precision, "--attn_implementation", "eager", "--log_with", "null",
@@ -189,7 +190,8 @@ def format_markdown(result):
         cells = [f"{row[key]:.3f}" if key != "fid" else f"{row[key]:.1f}" for key in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     facts = result["facts"]
-    lines += ["", f"- {result['num_prompts']} {result['options']['split']} prompts ({result['num_held_out_prompts']} with a held-out pair), "
+    lines += ["", f"- {result['num_prompts']} {result['options']['split']} prompts "
+              f"({result['num_held_out_prompts']} with a held-out pair), "
               f"sampling seeds {result['seed']}..{result['seed'] + result['num_prompts'] - 1}, the model's saved "
               "sampling defaults",
               f"- adapter: rank {result['options']['lora_r']}, {facts['trainable_parameters']} parameters in "
